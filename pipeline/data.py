@@ -1,0 +1,279 @@
+"""Datalists from the Kaggle layout, the train/validation split, and the up-front checks of a dataset.
+
+Layout (``../shared/docs/domain.md``)::
+
+    <dataset_dir>/train.csv  test.csv  train_images/<id>.tif  train_labels/<id>.tif  test_images/<id>.tif
+
+``train.csv``/``test.csv`` (columns ``id``, ``scroll_id``) are used when present, else the files found in the
+folders. NIfTI (``.nii``, ``.nii.gz``) volumes are accepted beside TIFF.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from transforms.io import VolumeError, read_volume, read_volume_shape
+
+__all__ = [
+    "DatasetError",
+    "VOLUME_SUFFIXES",
+    "find_volume",
+    "list_cases",
+    "train_datalist",
+    "test_datalist",
+    "split_datalist",
+    "check_train_datalist",
+    "check_test_datalist",
+    "prepare_datalists",
+    "resolve_dataset_dir",
+    "require_file",
+]
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
+LABEL_VALUES = (0, 1, 2)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained or predicted on; the message names the file and the problem."""
+
+
+def _case_id(path: Path) -> str:
+    # the competition's scorer takes the id up to the first dot
+    return path.name.split(".", 1)[0]
+
+
+def find_volume(folder: Path, case_id: str) -> Path | None:
+    """The volume file for ``case_id`` in ``folder`` with any supported suffix, or None."""
+    for suffix in VOLUME_SUFFIXES:
+        p = folder / f"{case_id}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "id" not in rows[0]:
+        msg = f"{path}: no 'id' column (columns: {list(rows[0])})"
+        raise DatasetError(msg)
+    return rows
+
+
+def list_cases(dataset_dir: str | os.PathLike, split: str) -> list[dict[str, str | None]]:
+    """Cases of ``split`` ("train" or "test") as dicts with ``id``, ``scroll_id`` and the image path.
+
+    Raises:
+        DatasetError: the dataset folder or the split's image folder is missing, or a case has no image.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        msg = f"{root}: dataset folder not found"
+        raise DatasetError(msg)
+    images = root / f"{split}_images"
+    csv_path = root / f"{split}.csv"
+    if csv_path.is_file():
+        rows = [{"id": r["id"].strip(), "scroll_id": (r.get("scroll_id") or "").strip() or None} for r in _read_csv(csv_path)]
+    elif images.is_dir():
+        files = sorted(p for p in images.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        rows = [{"id": _case_id(p), "scroll_id": None} for p in files]
+    else:
+        msg = f"{root}: neither {csv_path.name} nor {images.name}/ found"
+        raise DatasetError(msg)
+    cases = []
+    for r in rows:
+        img = find_volume(images, r["id"])
+        if img is None:
+            msg = f"{images / (r['id'] + '.tif')}: image listed for case {r['id']} not found"
+            raise DatasetError(msg)
+        cases.append({**r, "image": str(img)})
+    return cases
+
+
+def train_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str | None]]:
+    """Training cases with ``image`` and ``label`` paths.
+
+    Raises:
+        DatasetError: no training case, or an image without its label.
+    """
+    cases = list_cases(dataset_dir, "train")
+    if not cases:
+        msg = f"{dataset_dir}: no training volumes"
+        raise DatasetError(msg)
+    labels = Path(dataset_dir) / "train_labels"
+    for c in cases:
+        lab = find_volume(labels, str(c["id"]))
+        if lab is None:
+            msg = f"{c['image']}: image has no label (expected {labels / (str(c['id']) + '.tif')})"
+            raise DatasetError(msg)
+        c["label"] = str(lab)
+    return cases
+
+
+def test_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str | None]]:
+    """Test cases with ``image`` paths.
+
+    Raises:
+        DatasetError: the test folder is missing or empty.
+    """
+    cases = list_cases(dataset_dir, "test")
+    if not cases:
+        msg = f"{Path(dataset_dir) / 'test_images'}: no test volumes"
+        raise DatasetError(msg)
+    return cases
+
+
+def split_datalist(
+    cases: list[dict], val_fraction: float = 0.2, fold: int | None = None, num_folds: int = 5, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Split into training and validation cases, by scroll when there are several scrolls, else by case.
+
+    Groups (scroll ids, or case ids) are shuffled with ``seed``. With ``fold`` set, the groups are dealt into
+    ``num_folds`` folds and fold ``fold`` is the validation set (cross-validation); otherwise groups are taken
+    for validation until they hold at least ``val_fraction`` of the cases.
+
+    Raises:
+        DatasetError: fewer than two cases, or a setting that leaves one side empty.
+    """
+    if len(cases) < 2:
+        msg = f"need at least 2 training cases for a train/validation split, got {len(cases)}"
+        raise DatasetError(msg)
+    scrolls = sorted({c.get("scroll_id") for c in cases if c.get("scroll_id") is not None})
+    by_scroll = len(scrolls) > 1 and all(c.get("scroll_id") is not None for c in cases)
+    key = "scroll_id" if by_scroll else "id"
+    groups = sorted({str(c[key]) for c in cases})
+    order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    if fold is not None:
+        if not 0 <= fold < num_folds or num_folds > len(groups):
+            msg = f"fold={fold} with num_folds={num_folds} is impossible for {len(groups)} groups ({key})"
+            raise DatasetError(msg)
+        val_groups = set(order[fold::num_folds])
+    else:
+        val_groups, n_val = set(), 0
+        for g in order[:-1]:  # always leave one group for training
+            if n_val >= val_fraction * len(cases):
+                break
+            val_groups.add(g)
+            n_val += sum(str(c[key]) == g for c in cases)
+    val = [c for c in cases if str(c[key]) in val_groups]
+    train = [c for c in cases if str(c[key]) not in val_groups]
+    if not val or not train:
+        msg = f"split by {key} left an empty side (train={len(train)}, val={len(val)})"
+        raise DatasetError(msg)
+    logger.info("split by %s: %d training, %d validation cases", key, len(train), len(val))
+    return train, val
+
+
+def _check_pair(case: dict) -> None:
+    img_shape = read_volume_shape(case["image"])
+    if len(img_shape) != 3:
+        msg = f"{case['image']}: expected a 3D volume, got shape {img_shape}"
+        raise DatasetError(msg)
+    label = read_volume(case["label"])
+    if label.shape != img_shape:
+        msg = f"{case['label']}: label shape {label.shape} differs from image shape {img_shape} ({case['image']})"
+        raise DatasetError(msg)
+    values = np.unique(label)
+    bad = [int(v) for v in values if v not in LABEL_VALUES]
+    if bad:
+        msg = f"{case['label']}: label values {bad} outside {{0, 1, 2}}"
+        raise DatasetError(msg)
+
+
+def _run_checks(fn, cases: list[dict], workers: int) -> None:
+    # decoding is in C and releases the GIL: threads overlap the reads
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for _ in pool.map(fn, cases):
+            pass
+
+
+def check_train_datalist(cases: list[dict], workers: int = 4) -> None:
+    """Check every training pair before training starts: readable, 3D, same shapes, labels in {0, 1, 2}.
+
+    Raises:
+        DatasetError: the first problem found, naming the file.
+    """
+    try:
+        _run_checks(_check_pair, cases, workers)
+    except VolumeError as e:
+        raise DatasetError(str(e)) from e
+
+
+def check_test_datalist(cases: list[dict], workers: int = 4) -> None:
+    """Check every test image: readable and 3D (from the header).
+
+    Raises:
+        DatasetError: the first problem found, naming the file.
+    """
+
+    def _check(case: dict) -> None:
+        shape = read_volume_shape(case["image"])
+        if len(shape) != 3:
+            msg = f"{case['image']}: expected a 3D volume, got shape {shape}"
+            raise DatasetError(msg)
+
+    try:
+        _run_checks(_check, cases, workers)
+    except VolumeError as e:
+        raise DatasetError(str(e)) from e
+
+
+def resolve_dataset_dir(dataset_dir: str | os.PathLike | None, synthetic_dir: str | os.PathLike) -> Path:
+    """The dataset to use: ``dataset_dir`` when given, else the synthetic default, generated on first use.
+
+    Raises:
+        DatasetError: ``dataset_dir`` is given but does not exist.
+    """
+    if dataset_dir not in (None, "", "None", "null"):
+        path = Path(dataset_dir)
+        if not path.is_dir():
+            msg = f"{path}: dataset folder not found (leave dataset_dir empty for the synthetic default)"
+            raise DatasetError(msg)
+        return path
+    from pipeline.synth import ensure_synthetic_dataset
+
+    return ensure_synthetic_dataset(synthetic_dir)
+
+
+def prepare_datalists(
+    dataset_dir: str | os.PathLike,
+    val_fraction: float = 0.2,
+    fold: int | None = None,
+    num_folds: int = 5,
+    seed: int = 0,
+    check: bool = True,
+) -> dict[str, list[dict]]:
+    """Training and validation datalists for a dataset, checked up front.
+
+    Returns:
+        ``{"train": [...], "val": [...]}``, each item a dict with ``image``, ``label``, ``id``, ``scroll_id``.
+
+    Raises:
+        DatasetError: any problem with the dataset, naming the file.
+    """
+    cases = train_datalist(dataset_dir)
+    if check:
+        check_train_datalist(cases)
+    train, val = split_datalist(cases, val_fraction=val_fraction, fold=fold, num_folds=num_folds, seed=seed)
+    return {"train": train, "val": val}
+
+
+def require_file(path: str | os.PathLike, hint: str) -> Path:
+    """``path`` if it is a file, else a clear error that says what to do (``hint``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        msg = f"{p}: not found; {hint}"
+        raise FileNotFoundError(msg)
+    return p

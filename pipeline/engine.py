@@ -1,0 +1,164 @@
+"""MONAI workflows whose mixed precision follows the device, with DDP-aware gradient accumulation.
+
+MONAI's ``amp=True`` hard-codes ``torch.autocast("cuda")`` and builds its ``GradScaler`` inside ``run()``: on CPU
+it does nothing, and the scaler cannot be checkpointed. ``Trainer`` and ``Evaluator`` autocast on the device they
+run on: bfloat16 on CPU, float16 with a ``GradScaler`` on CUDA (bfloat16, without scaler, when asked for). Under
+``DistributedDataParallel``, micro-steps that do not step the optimizer skip the gradient all-reduce (``no_sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.workflow import Workflow
+from monai.utils.enums import CommonKeys as Keys
+from monai.engines.utils import IterationEvents
+
+__all__ = ["cpu_has_fast_bf16", "resolve_amp", "autocast_for", "Trainer", "Evaluator"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX-bf16 or AVX512-bf16). Without either, bf16 autocast on
+    CPU is emulated and several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_amp(device: torch.device | str, amp: bool | str = "auto", dtype: str | torch.dtype | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for full precision.
+
+    Args:
+        device: where the model runs.
+        amp: False/"off" disables mixed precision; True enables it; "auto" enables it on CUDA, and on CPU only
+            where the CPU has native bf16 (``cpu_has_fast_bf16``).
+        dtype: force a dtype ("bf16"/"fp16"); by default bfloat16 on CPU and float16 on CUDA.
+
+    Raises:
+        ValueError: an unknown dtype, or float16 asked for on CPU.
+    """
+    if amp in (False, "off", "false", "False", None):
+        return None
+    dev = torch.device(device)
+    if amp == "auto" and dev.type == "cpu" and not cpu_has_fast_bf16():
+        return None
+    if dtype is None:
+        return torch.float16 if dev.type == "cuda" else torch.bfloat16
+    resolved = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.bfloat16, torch.float16):
+        msg = f"amp dtype {dtype!r} not supported; use 'bf16' or 'fp16'"
+        raise ValueError(msg)
+    if dev.type == "cpu" and resolved is torch.float16:
+        msg = "fp16 autocast is not supported on CPU; use amp_dtype 'bf16'"
+        raise ValueError(msg)
+    return resolved
+
+
+def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on the device's own type, or a null context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class Trainer(SupervisedTrainer):
+    """``SupervisedTrainer`` with device-following autocast, a checkpointable ``GradScaler`` and ``no_sync``
+    gradient accumulation under DDP.
+
+    Args:
+        args: as ``monai.engines.SupervisedTrainer`` (``amp`` is replaced by the two below).
+        amp: mixed precision on the trainer's device (bf16 on CPU, fp16 + GradScaler on CUDA); see ``resolve_amp``.
+        amp_dtype: force "bf16" or "fp16".
+        kwargs: as ``monai.engines.SupervisedTrainer``.
+
+    Example::
+
+        trainer = Trainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader, network=net,
+                          optimizer=opt, loss_function=loss, amp=True, accumulation_steps=4, decollate=False)
+        trainer.run()
+    """
+
+    def __init__(self, *args: Any, amp: bool | str = "auto", amp_dtype: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, amp=False, **kwargs)
+        self.amp_dtype = resolve_amp(self.state.device, amp, amp_dtype)
+        self.amp = self.amp_dtype is not None
+        use_scaler = self.amp_dtype is torch.float16
+        # built here, not in run(), so checkpoints can hold and restore it
+        self.scaler: torch.amp.GradScaler | None = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def run(self) -> None:  # type: ignore[override]
+        Workflow.run(self)  # skip monai Trainer.run, which replaces the scaler
+
+    def _accumulation_flags(self) -> tuple[bool, bool]:
+        acc = self.accumulation_steps
+        if acc == 1:
+            return True, True
+        length = self.state.epoch_length
+        local = (self.state.iteration - 1) % length if length else self.state.iteration - 1
+        last = length is not None and local + 1 == length
+        return local % acc == 0, (local + 1) % acc == 0 or last
+
+    def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            msg = "Must provide batch data for current iteration."
+            raise ValueError(msg)
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets, args, kwargs = (*batch, (), {}) if len(batch) == 2 else batch
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        zero_grad, step = engine._accumulation_flags()
+        acc = engine.accumulation_steps
+        engine.network.train()
+        if zero_grad:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        sync = engine.network.no_sync() if not step and hasattr(engine.network, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast_for(engine.state.device, engine.amp_dtype):
+                engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+                loss = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
+                engine.state.output[Keys.LOSS] = loss
+                engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            scaled = loss / acc if acc > 1 else loss
+            (engine.scaler.scale(scaled) if engine.scaler is not None else scaled).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            if engine.scaler is not None:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                engine.optimizer.step()
+        engine.state.output[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class Evaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` whose autocast follows the device (bf16 on CPU, fp16 on CUDA).
+
+    ``SlidingWindowInferer`` stitches into a buffer of the input's dtype, so its predictions stay float32.
+
+    Args:
+        args: as ``monai.engines.SupervisedEvaluator``.
+        amp: mixed precision on the evaluator's device; see ``resolve_amp``.
+        amp_dtype: force "bf16" or "fp16".
+        kwargs: as ``monai.engines.SupervisedEvaluator``.
+    """
+
+    def __init__(self, *args: Any, amp: bool | str = "auto", amp_dtype: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, amp=False, **kwargs)
+        self.amp_dtype = resolve_amp(self.state.device, amp, amp_dtype)
+
+    def _iteration(self, engine: Evaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        with autocast_for(engine.state.device, engine.amp_dtype):
+            return super()._iteration(engine, batchdata)

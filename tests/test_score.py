@@ -1,0 +1,428 @@
+"""Tests for pipeline.score on volumes whose score is known by construction.
+
+Unless a test says otherwise, objects lie inside the first octant ([0, 24)^3 of a 48^3 volume), so the per-octant
+Betti matching sees them whole and the other octants contribute nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from ignite.engine import Engine
+from scipy import ndimage
+from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
+
+from pipeline.score import (
+    CompetitionScore,
+    CompetitionScoreHandler,
+    combine_score,
+    main,
+    score_volume,
+    score_volumes,
+    surface_dice,
+    topo_counts,
+    topo_score,
+    voi,
+)
+
+N = 48
+THIRD = 0.5 / 1.5  # F1 of a dimension with one predicted feature and none in the label
+
+
+def empty() -> np.ndarray:
+    return np.zeros((N, N, N), np.uint8)
+
+
+def sheet(z: int = 10, hole: tuple[slice, slice] | None = None) -> np.ndarray:
+    """17 x 17 voxel sheet, one voxel thick, optionally with a hole."""
+    vol = empty()
+    vol[z, 3:20, 3:20] = 1
+    if hole is not None:
+        vol[z][hole] = 0
+    return vol
+
+
+def entropy_bits(*counts: int) -> float:
+    total = sum(counts)
+    return -sum(c / total * math.log2(c / total) for c in counts)
+
+
+def voi_score_of(voi_bits: float) -> float:
+    return 1.0 / (1.0 + 0.3 * voi_bits)
+
+
+HOLE = (slice(9, 12), slice(9, 12))
+
+
+def test_sheet_with_hole_vs_without():
+    holed, full = sheet(hole=HOLE), sheet()
+    assert topo_counts(holed, full) == {0: (0, 0, 0), 1: (0, 1, 0), 2: (0, 0, 0)}
+    assert topo_score(holed, full) == pytest.approx(THIRD, abs=1e-6)
+    assert topo_counts(full, holed) == {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 0, 0)}
+    assert topo_score(full, holed) == pytest.approx(0.0, abs=1e-6)
+    assert topo_counts(holed, holed)[1] == (1, 1, 1)
+    assert topo_score(holed, holed) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_holes_at_different_places_do_not_match():
+    first = sheet(hole=(slice(5, 7), slice(5, 7)))
+    second = sheet(hole=(slice(15, 17), slice(15, 17)))
+    assert topo_counts(first, second)[1] == (0, 1, 1)
+    assert topo_score(first, second) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sheet_split_in_two_vs_whole():
+    whole = sheet()
+    split = whole.copy()
+    split[:, :, 11] = 0  # two 17 x 8 halves and a 17-voxel gap
+    assert topo_counts(split, whole)[0] == (0, 1, 0)
+    assert topo_score(split, whole) == pytest.approx(THIRD, abs=1e-6)
+    assert topo_counts(whole, split)[0] == (0, 0, 1)
+    assert topo_score(whole, split) == pytest.approx(0.0, abs=1e-6)
+    expected = entropy_bits(136, 136, 17)  # H(P|G): the label is one component, H(G|P) = 0
+    for pred, gt in ((split, whole), (whole, split)):
+        voi_bits, score = voi(pred, gt)
+        assert voi_bits == pytest.approx(expected, abs=1e-6)
+        assert score == pytest.approx(voi_score_of(expected), abs=1e-6)
+
+
+def test_two_sheets_merged_by_bridge_vs_separate():
+    separate = np.maximum(sheet(6), sheet(12))
+    merged = separate.copy()
+    merged[7:12, 10, 10] = 1
+    assert topo_counts(merged, separate) == {0: (0, 0, 1), 1: (0, 0, 0), 2: (0, 0, 0)}
+    assert topo_score(merged, separate) == pytest.approx(0.0, abs=1e-6)
+    assert topo_score(separate, merged) == pytest.approx(THIRD, abs=1e-6)
+    voi_bits, score = voi(merged, separate)
+    expected = entropy_bits(289, 289, 5)  # H(G|P): the prediction is one component
+    assert voi_bits == pytest.approx(expected, abs=1e-6)
+    assert score == pytest.approx(voi_score_of(expected), abs=1e-6)
+
+
+def test_hollow_box_vs_solid_box():
+    solid = empty()
+    solid[3:15, 3:15, 3:15] = 1
+    hollow = solid.copy()
+    hollow[6:12, 6:12, 6:12] = 0
+    assert topo_counts(hollow, solid) == {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 1, 0)}
+    assert topo_score(hollow, solid) == pytest.approx(THIRD, abs=1e-6)
+    assert topo_score(solid, hollow) == pytest.approx(0.0, abs=1e-6)
+    assert topo_counts(hollow, hollow)[2] == (1, 1, 1)
+    voi_bits, _ = voi(hollow, solid)
+    assert voi_bits == pytest.approx(entropy_bits(12**3 - 6**3, 6**3), abs=1e-6)
+
+
+def test_components_match_only_through_overlap():
+    pred = empty()
+    pred[4:8, 4:8, 4:8] = 1
+    pred[14:18, 14:18, 14:18] = 1
+    overlapping = np.roll(pred, 1, axis=2)
+    assert topo_counts(pred, overlapping)[0] == (1, 1, 1)
+    disjoint = overlapping.copy()
+    disjoint[14:18, 14:18, :] = 0
+    disjoint[14:18, 3:7, 14:18] = 1
+    assert topo_counts(pred, disjoint)[0] == (0, 1, 1)
+
+
+def test_topology_is_counted_per_octant():
+    bar = empty()
+    bar[5, 5, 10:40] = 1
+    cut_at_octant_border = bar.copy()
+    cut_at_octant_border[5, 5, 23] = 0  # the halves of the x axis are [0, 24) and [24, 48)
+    assert topo_score(bar, cut_at_octant_border) == pytest.approx(1.0, abs=1e-6)
+    cut_inside_octant = bar.copy()
+    cut_inside_octant[5, 5, 15] = 0
+    assert topo_score(bar, cut_inside_octant) == pytest.approx(0.0, abs=1e-6)
+    odd = np.zeros((N, N, 47), np.uint8)
+    odd[5, 5, 10:40] = 1
+    cut_odd = odd.copy()
+    cut_odd[5, 5, 24] = 0  # 47 voxels split as [0, 24) and [24, 47): the cut is the border voxel
+    assert topo_score(odd, cut_odd) == pytest.approx(1.0, abs=1e-6)
+
+
+def _cubical_betti(mask: np.ndarray) -> list[int]:
+    """Betti numbers over GF(2) of the 6-connected cubical complex of ``mask`` by boundary-matrix ranks."""
+    cells: dict[int, list] = {d: [] for d in range(4)}
+    for vertex in itertools.product(*map(range, mask.shape)):
+        for dim in range(4):
+            for axes in itertools.combinations(range(3), dim):
+                corners = [
+                    tuple(v + (a in axes and bit[axes.index(a)]) for a, v in enumerate(vertex))
+                    for bit in itertools.product((0, 1), repeat=dim)
+                ]
+                if all(c[a] < mask.shape[a] for c in corners for a in range(3)) and all(mask[c] for c in corners):
+                    cells[dim].append((vertex, axes))
+    index = {d: {cell: i for i, cell in enumerate(cells[d])} for d in range(4)}
+
+    def rank(dim: int) -> int:
+        matrix = np.zeros((len(cells[dim - 1]), len(cells[dim])), np.uint8)
+        for j, (vertex, axes) in enumerate(cells[dim]):
+            for a in axes:
+                for bit in (0, 1):
+                    face = tuple(v + (i == a) * bit for i, v in enumerate(vertex))
+                    matrix[index[dim - 1][(face, tuple(x for x in axes if x != a))], j] ^= 1
+        r = 0
+        for col in range(matrix.shape[1]):
+            pivots = np.flatnonzero(matrix[r:, col]) + r
+            if pivots.size == 0:
+                continue
+            matrix[[r, pivots[0]]] = matrix[[pivots[0], r]]
+            rows = np.flatnonzero(matrix[:, col])
+            matrix[rows[rows != r]] ^= matrix[r]
+            r += 1
+        return r
+
+    r1, r2, r3 = rank(1), rank(2), rank(3)
+    n = [len(cells[d]) for d in range(4)]
+    return [n[0] - r1, n[1] - r1 - r2, n[2] - r2 - r3]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_feature_counts_equal_homology(seed):
+    rng = np.random.default_rng(seed)
+    block = rng.random((5, 5, 5)) < 0.6
+    vol = np.zeros((10, 10, 10), np.uint8)
+    vol[:5, :5, :5] = block  # exactly the first octant
+    b0, b1, b2 = _cubical_betti(block)
+    counts = topo_counts(vol, vol)
+    assert counts == {0: (max(b0 - 1, 0),) * 3, 1: (b1,) * 3, 2: (b2,) * 3}
+
+
+def _blobs(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (ndimage.gaussian_filter(rng.random((N, N, N)), 2) > 0.52).astype(np.uint8)
+
+
+def test_identical_masks_score_one():
+    mask = _blobs(0)
+    assert mask.any()
+    result = score_volume(mask, mask)
+    assert result == pytest.approx({"score": 1.0, "topo": 1.0, "surface_dice": 1.0, "voi": 0.0, "voi_score": 1.0})
+
+
+def test_empty_vs_empty_scores_one():
+    assert score_volume(empty(), empty()) == {
+        "score": 1.0,
+        "topo": 1.0,
+        "surface_dice": 1.0,
+        "voi": 0.0,
+        "voi_score": 1.0,
+    }
+
+
+def test_empty_vs_non_empty():
+    one_sheet = sheet()
+    # One label component: no finite H0 bar (inactive), VOI 0; only SurfaceDice sees the miss.
+    assert score_volume(empty(), one_sheet)["score"] == pytest.approx(0.30 + 0.35, abs=1e-6)
+    two_sheets = np.maximum(sheet(6), sheet(12))
+    result = score_volume(empty(), two_sheets)
+    assert result["topo"] == pytest.approx(0.0, abs=1e-6)
+    assert result["surface_dice"] == 0.0
+    assert result["voi"] == pytest.approx(1.0, abs=1e-6)
+    assert result["score"] == pytest.approx(0.35 * voi_score_of(1.0), abs=1e-6)
+    result = score_volume(two_sheets, empty())
+    assert result["topo"] == pytest.approx(THIRD, abs=1e-6)
+    assert result["score"] == pytest.approx(0.30 * THIRD + 0.35 * voi_score_of(1.0), abs=1e-6)
+
+
+def test_all_ignored_volume_scores_one():
+    gt = np.full((N, N, N), 2, np.uint8)
+    assert score_volume(_blobs(1), gt)["score"] == 1.0
+
+
+def test_prediction_in_ignored_region_does_not_count():
+    gt = sheet()
+    gt[30:40, 30:40, 30:40] = 2
+    junk = np.zeros_like(gt)
+    junk[32:38, 32:34, 32:38] = 1
+    junk[35, 36:38, 32:38] = 1
+    pred = sheet() | junk
+    assert score_volume(pred, gt)["score"] == 1.0
+    gt_without_ignore = np.where(gt == 2, 0, gt)
+    assert score_volume(pred, gt_without_ignore)["score"] < 0.9
+    assert score_volume(pred, gt, ignore_label=None)["score"] < 0.9
+
+
+def test_combination_weights_and_clipping():
+    assert combine_score(1.0, 0.0, 0.0) == pytest.approx(0.30)
+    assert combine_score(0.0, 1.0, 0.0) == pytest.approx(0.35)
+    assert combine_score(0.0, 0.0, 1.0) == pytest.approx(0.35)
+    assert combine_score(1.0, 1.0, 1.0) == 1.0
+    assert combine_score(2.0, 2.0, 2.0) == 1.0
+    assert combine_score(-1.0, 0.0, 0.0) == 0.0
+    pred, gt = _blobs(2), _blobs(3)
+    result = score_volume(pred, gt)
+    assert 0.0 < result["score"] < 1.0
+    expected = 0.30 * result["topo"] + 0.35 * result["surface_dice"] + 0.35 * result["voi_score"]
+    assert result["score"] == pytest.approx(expected, abs=1e-12)
+    assert result["topo"] == pytest.approx(topo_score(pred, gt), abs=1e-12)
+    assert result["surface_dice"] == pytest.approx(surface_dice(pred, gt), abs=1e-12)
+    assert (result["voi"], result["voi_score"]) == pytest.approx(voi(pred, gt), abs=1e-12)
+
+
+@pytest.mark.parametrize(("shift", "expected"), [(0, 1.0), (2, 1.0), (3, 0.5), (4, 0.0)])
+def test_surface_dice_of_parallel_sheets(shift, expected):
+    # Each sheet has surfels on two corner planes; at distance 3 only the facing ones are within 2.
+    assert surface_dice(sheet(10 + shift), sheet(10)) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the package uses scipy.ndimage.filters
+@pytest.mark.parametrize(
+    ("tolerance", "spacing"), [(2.0, (1.0, 1.0, 1.0)), (1.0, (1.0, 1.0, 1.0)), (2.0, (1.5, 1.0, 0.7))]
+)
+def test_surface_dice_matches_deepmind(tolerance, spacing):
+    pred, gt = _blobs(4), _blobs(5) | np.roll(_blobs(4), 2, axis=1)
+    reference = compute_surface_dice_at_tolerance(
+        compute_surface_distances(gt.astype(bool), pred.astype(bool), spacing), tolerance
+    )
+    assert surface_dice(pred, gt, tolerance=tolerance, spacing=spacing) == pytest.approx(reference, abs=1e-9)
+    assert 0.0 < reference < 1.0
+
+
+def test_surface_dice_one_empty_is_zero():
+    assert surface_dice(empty(), sheet()) == 0.0
+    assert surface_dice(sheet(), empty()) == 0.0
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="one shape"):
+        score_volume(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
+
+
+def test_score_volumes_means():
+    result = score_volumes([("a", sheet(), sheet()), ("b", empty(), sheet())])
+    assert result["volumes"]["a"]["score"] == 1.0
+    assert result["mean"]["score"] == pytest.approx((1.0 + 0.65) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="twice"):
+        score_volumes([("a", sheet(), sheet()), ("a", sheet(), sheet())])
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+SMALL = 24
+
+
+def small_label() -> np.ndarray:
+    label = np.zeros((SMALL, SMALL, SMALL), np.uint8)
+    label[5, 2:20, 2:20] = 1
+    label[15, 2:20, 2:20] = 1
+    label[:, :, 21:] = 2
+    return label
+
+
+@pytest.fixture
+def labels_dir(tmp_path):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    tifffile.imwrite(folder / "100.tif", small_label())
+    tifffile.imwrite(folder / "200.tif", small_label())
+    return folder
+
+
+def _run_json(argv: list[str], capsys) -> dict:
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_folder_and_zip(tmp_path, labels_dir, capsys):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    perfect = (small_label() == 1).astype(np.uint8)
+    half = perfect.copy()
+    half[15] = 0
+    tifffile.imwrite(preds / "100.tif", perfect)
+    tifffile.imwrite(preds / "200.tif", half)
+    expected_200 = score_volume(half, small_label())
+    result = _run_json(["--pred", str(preds), "--labels", str(labels_dir)], capsys)
+    assert set(result) == {"volumes", "mean"}
+    assert result["volumes"]["100"] == pytest.approx(score_volume(perfect, small_label()))
+    assert result["volumes"]["100"]["score"] == 1.0
+    assert result["volumes"]["200"] == pytest.approx(expected_200)
+    assert result["mean"]["score"] == pytest.approx((1.0 + expected_200["score"]) / 2)
+
+    archive = tmp_path / "submission.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(preds / "100.tif", "sub/100.tif")
+        zf.write(preds / "200.tif", "200.tif")
+    assert _run_json(["--pred", str(archive), "--labels", str(labels_dir)], capsys) == result
+
+    assert main(["--pred", str(archive), "--labels", str(labels_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "100" in table and "mean" in table and "surface_dice" in table
+
+
+def test_cli_errors_name_the_file(tmp_path, labels_dir, capsys):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    tifffile.imwrite(preds / "100.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert "'200'" in capsys.readouterr().err
+
+    tifffile.imwrite(preds / "200.tif", np.zeros((SMALL, SMALL, SMALL + 1), np.uint8))
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "200.tif" in err and "shape" in err
+
+    (preds / "200.tif").write_bytes(b"not a tiff")
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "200.tif" in err and "cannot read" in err
+
+    tifffile.imwrite(preds / "200.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
+    tifffile.imwrite(preds / "300.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert "no label for volume id '300'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- Metric
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    label = small_label()
+    perfect = (label == 1).astype(np.float32)
+    half = perfect.copy()
+    half[15] = 0
+    probs = np.stack([perfect * 0.9 + 0.05, half * 0.7 + 0.2])[:, None]  # thresholded at 0.5
+    labels = np.stack([label, label])[:, None]
+    expected = [1.0, score_volume(half, label)["score"]]
+    return torch.from_numpy(probs), torch.from_numpy(labels), expected
+
+
+def test_metric_accumulates_and_aggregates():
+    probs, labels, expected = _batch()
+    metric = CompetitionScore()
+    metric(y_pred=probs, y=labels)
+    metric(y_pred=[probs[0]], y=[labels[0]])
+    assert metric.aggregate().item() == pytest.approx((2 * expected[0] + expected[1]) / 3)
+    components = metric.aggregate_components()
+    assert components["score"] == pytest.approx(metric.aggregate().item())
+    assert set(components) == {"score", "topo", "surface_dice", "voi", "voi_score"}
+    with pytest.raises(ValueError, match=r"\(B, 1, Z, Y, X\)"):
+        metric(y_pred=probs[:, 0], y=labels[:, 0])
+    metric.reset()
+    with pytest.raises(RuntimeError, match="no samples"):
+        metric.aggregate()
+
+
+def test_handler_sets_key_metric_and_components():
+    probs, labels, expected = _batch()
+    engine = Engine(lambda engine, batch: batch)
+    CompetitionScoreHandler(component_prefix="val_").attach(engine, "val_score")
+    engine.run([(probs, labels)], max_epochs=1)
+    metrics = engine.state.metrics
+    assert metrics["val_score"] == pytest.approx(sum(expected) / 2)
+    assert {"val_topo", "val_surface_dice", "val_voi", "val_voi_score"} <= set(metrics)
+    assert engine.state.metric_details["val_score"].shape == (2, 5)
+
+    plain = Engine(lambda engine, batch: batch)
+    CompetitionScoreHandler().attach(plain, "val_score")
+    plain.run([(probs, labels)], max_epochs=1)
+    assert set(plain.state.metrics) == {"val_score"}

@@ -1,0 +1,188 @@
+"""3D TIFF input/output: a MONAI ``ImageReader`` for multi-page TIFF volumes and an atomic uint8 mask writer.
+
+MONAI's ``LoadImage`` has no 3D TIFF reader (its PIL reader reads one 2D page) and no TIFF writer. The Kaggle
+volumes are multi-page, LZW-compressed, uint8 TIFFs in (Z, Y, X) order; this module keeps that axis order end to
+end: the array a reader returns, the patches the network sees and the masks written back all index (Z, Y, X).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from monai.data import ImageReader
+from monai.data.utils import is_supported_format
+from monai.utils import ensure_tuple
+
+__all__ = ["TIFF_SUFFIXES", "VolumeError", "TiffReader", "read_volume", "read_volume_shape", "write_volume"]
+
+TIFF_SUFFIXES = ("tif", "tiff")
+
+
+class VolumeError(ValueError):
+    """A volume file that cannot be used: unreadable, not 3D, wrong dtype or values. The message names the file."""
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0] if tif.series else None
+            # One 3D series, or many 2D pages stored without series metadata: both are volumes.
+            if series is not None and len(series.shape) >= 3:
+                return series.asarray()
+            return tif.asarray(key=range(len(tif.pages))) if len(tif.pages) > 1 else tif.asarray()
+    except Exception as e:  # tifffile raises many types; the caller needs the file name, not the library's type
+        msg = f"{path}: cannot read TIFF ({type(e).__name__}: {e})"
+        raise VolumeError(msg) from e
+
+
+def _check_3d(path: Path, arr: np.ndarray) -> np.ndarray:
+    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    if arr.ndim != 3:
+        msg = f"{path}: expected a 3D volume (Z, Y, X), got an array of shape {arr.shape}"
+        raise VolumeError(msg)
+    if arr.dtype.kind not in "uif" or arr.dtype.itemsize > 4:
+        msg = f"{path}: unsupported dtype {arr.dtype}; expected uint8 or uint16"
+        raise VolumeError(msg)
+    return arr
+
+
+def read_volume(path: str | os.PathLike) -> np.ndarray:
+    """Read a 3D volume as a numpy array in (Z, Y, X) order.
+
+    TIFF (multi-page or one 3D series; LZW, zlib or uncompressed) is read with tifffile, NIfTI with nibabel.
+
+    Args:
+        path: a ``.tif``/``.tiff``/``.nii``/``.nii.gz`` file.
+
+    Returns:
+        the volume, with its stored dtype.
+
+    Raises:
+        VolumeError: the file is missing, unreadable or not 3D.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: file not found"
+        raise VolumeError(msg)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            arr = np.asanyarray(nib.load(path).dataobj)
+        except Exception as e:
+            msg = f"{path}: cannot read NIfTI ({type(e).__name__}: {e})"
+            raise VolumeError(msg) from e
+    else:
+        arr = _read_tiff(path)
+    return _check_3d(path, arr)
+
+
+def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The shape of a volume from its header only (no pixel decoding), for cheap up-front checks.
+
+    Raises:
+        VolumeError: the file is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: file not found"
+        raise VolumeError(msg)
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            return tuple(int(s) for s in nib.load(path).shape)
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.shape) >= 3:
+                return tuple(int(s) for s in series.shape)
+            return (len(tif.pages), *(int(s) for s in tif.pages[0].shape))
+    except Exception as e:
+        msg = f"{path}: cannot read header ({type(e).__name__}: {e})"
+        raise VolumeError(msg) from e
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, compression: str = "lzw") -> Path:
+    """Write a 3D uint8 volume as a compressed multi-page TIFF, atomically.
+
+    The data go to a temporary file in the destination folder, are flushed to disk, then renamed over ``path``,
+    so a reader never sees a half-written file.
+
+    Args:
+        path: destination ``.tif``.
+        array: 3D array (Z, Y, X); boolean or integer masks are stored as uint8.
+        compression: tifffile compression name (``"lzw"``, ``"zlib"``, ``None``).
+
+    Returns:
+        the path written.
+
+    Raises:
+        ValueError: the array is not 3D, or holds values outside uint8.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        msg = f"{path}: can only write 3D volumes, got shape {arr.shape}"
+        raise ValueError(msg)
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            msg = f"{path}: values outside uint8 range [{arr.min()}, {arr.max()}]"
+            raise ValueError(msg)
+        arr = arr.astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a written volume is an ordinary output file
+    try:
+        with open(tmp, "wb") as f:
+            tifffile.imwrite(f, arr, compression=compression, photometric="minisblack")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class TiffReader(ImageReader):
+    """MONAI image reader for 3D TIFF volumes, usable as ``LoadImaged(keys, reader=TiffReader())``.
+
+    The array keeps the file's (Z, Y, X) order and has no channel dimension (add one with
+    ``EnsureChannelFirstd``). The affine is the identity: the Kaggle volumes are isotropic with spacing 1.
+
+    Example::
+
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+        load = Compose([LoadImaged("image", reader=TiffReader()), EnsureChannelFirstd("image")])
+        vol = load({"image": "train_images/1234.tif"})["image"]  # MetaTensor (1, Z, Y, X)
+    """
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        return is_supported_format(filename, TIFF_SUFFIXES)
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> list[tuple[Path, np.ndarray]]:
+        return [(Path(name), read_volume(name)) for name in ensure_tuple(data)]
+
+    def get_data(self, img: list[tuple[Path, np.ndarray]]) -> tuple[np.ndarray, dict]:
+        arrays = [arr for _, arr in img]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            msg = f"volumes to stack have different shapes: {[(str(p), a.shape) for p, a in img]}"
+            raise VolumeError(msg)
+        data = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=0)
+        meta = {
+            "affine": np.eye(4),
+            "original_affine": np.eye(4),
+            "spatial_shape": np.asarray(arrays[0].shape),
+            # no channel in the file; several files are stacked on a new first (channel) axis
+            "original_channel_dim": float("nan") if len(arrays) == 1 else 0,
+            "space": "RAS",
+        }
+        return data, meta
