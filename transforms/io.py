@@ -102,6 +102,8 @@ def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
             series = tif.series[0]
             if len(series.shape) >= 3:
                 return tuple(int(s) for s in series.shape)
+            if len(tif.pages) == 1:
+                return tuple(int(s) for s in series.shape)
             return (len(tif.pages), *(int(s) for s in tif.pages[0].shape))
     except Exception as e:
         msg = f"{path}: cannot read header ({type(e).__name__}: {e})"

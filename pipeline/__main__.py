@@ -1,0 +1,197 @@
+"""``python -m pipeline``: the whole job (train or resume, then predict), and the project's other commands.
+
+    python -m pipeline [--dataset_dir DIR] [--output_dir DIR] [--nproc N] [--<bundle key> VALUE ...]
+    python -m pipeline synth --out DIR [--seed S]
+    python -m pipeline score --pred submission.zip --labels DIR [--json]
+    python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
+
+With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains a short schedule
+on them. Any other ``--key value`` overrides the bundle key of that name in the configs that have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["main", "parse_overrides", "route_overrides"]
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "bundle" / "configs"
+TRAIN_CONFIG = CONFIGS / "train.yaml"
+INFER_CONFIG = CONFIGS / "inference.yaml"
+LOGGING_CONF = CONFIGS / "logging.conf"
+
+# a schedule that shows the whole flow on the synthetic default within minutes on a laptop CPU
+DEMO_OVERRIDES: dict[str, Any] = {"epochs": 12, "val_interval": 3}
+
+logger = logging.getLogger("pipeline")
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return yaml.safe_load(text)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--epochs", "4", "--patch_size", "[48,48,48]"]`` -> ``{"epochs": 4, "patch_size": [48, 48, 48]}``.
+
+    Raises:
+        SystemExit: an argument that is not a ``--key value`` pair.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            sys.exit(f"error: unexpected argument {arg!r}; bundle overrides are --key value pairs")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                sys.exit(f"error: --{key} needs a value")
+            val, i = args[i + 1], i + 1
+        out[key] = _value(val)
+        i += 1
+    return out
+
+
+def _top_keys(config: Path) -> set[str]:
+    with open(config) as f:
+        return set(yaml.safe_load(f))
+
+
+def route_overrides(overrides: dict[str, Any], config: Path) -> dict[str, Any]:
+    """The overrides whose (top-level part of the) key exists in ``config``."""
+    keys = _top_keys(config)
+    return {k: v for k, v in overrides.items() if k.split("#", 1)[0] in keys}
+
+
+def _bundle_run(run_id: str, config: Path, overrides: dict[str, Any]) -> None:
+    from monai.bundle import run
+
+    run(run_id, config_file=str(config), logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
+
+
+def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> Path:
+    from pipeline.data import check_test_datalist, prepare_datalists, resolve_dataset_dir, test_datalist
+
+    root = resolve_dataset_dir(dataset_dir, synthetic_dir)
+    prepare_datalists(root, check=True)
+    check_test_datalist(test_datalist(root))
+    return root
+
+
+def run_main_job(argv: list[str]) -> int:
+    """Train (or resume) and predict; print where everything is."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Train (or resume), then predict.")
+    parser.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: synthetic scrolls")
+    parser.add_argument("--output_dir", default=str(REPO / "outputs"))
+    parser.add_argument("--ckpt_dir", default=str(REPO / "bundle" / "models"))
+    parser.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"))
+    parser.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
+    parser.add_argument("--nproc", type=int, default=None, help="processes for DDP training (default: all GPUs)")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node_rank", type=int, default=0)
+    parser.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    from pipeline.data import DatasetError
+
+    start = time.monotonic()
+    try:
+        root = _check_dataset(args.dataset_dir, args.synthetic_dir)
+    except (DatasetError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    common = {
+        "bundle_root": str(REPO / "bundle"),
+        "dataset_dir": str(root),
+        "output_dir": args.output_dir,
+        "ckpt_dir": args.ckpt_dir,
+    }
+    train_overrides = {**(DEMO_OVERRIDES if args.dataset_dir is None else {}), **common, **overrides}
+    if not args.skip_training:
+        rc = _train(train_overrides, args)
+        if rc != 0:
+            return rc
+    _bundle_run("inference", INFER_CONFIG, route_overrides({**common, **overrides}, INFER_CONFIG))
+    out = Path(args.output_dir)
+    print(
+        "\n".join(
+            [
+                f"done in {time.monotonic() - start:.0f} s",
+                f"  dataset:     {root}",
+                f"  model:       {Path(args.ckpt_dir) / 'model.pt'}",
+                f"  checkpoints: {args.ckpt_dir}",
+                f"  submission:  {out / 'submission.zip'}",
+                f"  predictions: {out / 'predictions'}",
+                f"  logs:        {out}  (TensorBoard: tensorboard --logdir {out / 'tensorboard'})",
+            ]
+        )
+    )
+    return 0
+
+
+def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
+    from pipeline import launch
+
+    return launch.launch(
+        [str(TRAIN_CONFIG)],
+        "training",
+        route_overrides(overrides, TRAIN_CONFIG),
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
+
+
+def run_synth(argv: list[str]) -> int:
+    """``python -m pipeline synth --out DIR``: write a synthetic dataset in the Kaggle layout."""
+    from pipeline.synth import SynthConfig, generate_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline synth", description="Write synthetic scroll volumes.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n_train", type=int, default=SynthConfig.n_train)
+    parser.add_argument("--n_test", type=int, default=SynthConfig.n_test)
+    args = parser.parse_args(argv)
+    try:
+        out = generate_dataset(args.out, SynthConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed))
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("run", argv)
+    if command == "synth":
+        return run_synth(rest)
+    if command == "score":
+        from pipeline.score import main as score_main
+
+        return score_main(rest)
+    if command == "tune":
+        from pipeline.tune import main as tune_main
+
+        return tune_main(rest)
+    if command == "run":
+        return run_main_job(rest)
+    print(f"error: unknown command {command!r}; use run, synth, score or tune", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

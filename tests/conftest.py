@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny synthetic dataset (volumes <= 48^3) generated once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# the machines are 2-core and shared: keep each test process to one thread unless a test asks for more
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_SHAPES = ((40, 36, 44), (36, 40, 32), (33, 41, 38))
+
+# bundle overrides that make the real configs train in seconds on tiny data
+TINY_TRAIN = {
+    "epochs": 2,
+    "val_interval": 1,
+    "patch_size": [32, 32, 32],
+    "batch_size": 1,
+    "num_samples": 2,
+    "network_channels": [4, 8, 16],
+    "network_strides": [2, 2],
+    "num_res_units": 1,
+    "sw_batch_size": 2,
+    "amp": False,
+}
+TINY_INFER = {
+    "patch_size": [32, 32, 32],
+    "network_channels": [4, 8, 16],
+    "network_strides": [2, 2],
+    "num_res_units": 1,
+    "sw_batch_size": 2,
+    "amp": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from pipeline.synth import SynthConfig, generate_dataset
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    return generate_dataset(out, SynthConfig(n_train=5, n_test=2, shapes=TINY_SHAPES, n_scrolls=2, seed=1))
