@@ -119,7 +119,7 @@ def run_main_job(argv: list[str]) -> int:
         "ckpt_dir": args.ckpt_dir,
     }
     train_overrides = {**(DEMO_OVERRIDES if args.dataset_dir is None else {}), **common, **overrides}
-    if not args.skip_training:
+    if not args.skip_training and not _training_complete(train_overrides):
         rc = _train(train_overrides, args)
         if rc != 0:
             return rc
@@ -139,6 +139,20 @@ def run_main_job(argv: list[str]) -> int:
         )
     )
     return 0
+
+
+def _training_complete(overrides: dict[str, Any]) -> bool:
+    """Whether ``checkpoint_final.pt`` already holds the configured number of epochs (then training is skipped;
+    otherwise the bundle resumes from the newest checkpoint by itself)."""
+    from pipeline.checkpoint import completed_epochs
+
+    with open(TRAIN_CONFIG) as f:
+        epochs = int(overrides.get("epochs", yaml.safe_load(f)["epochs"]))
+    done = completed_epochs(overrides["ckpt_dir"])
+    if done >= epochs and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
+        print(f"training already complete ({done}/{epochs} epochs): skipping to inference")
+        return True
+    return False
 
 
 def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:

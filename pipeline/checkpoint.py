@@ -56,6 +56,7 @@ __all__ = [
     "atomic_save",
     "checkpoint_name",
     "find_latest_checkpoint",
+    "completed_epochs",
     "capture_rng_state",
     "restore_rng_state",
     "TrainingCheckpointer",
@@ -160,6 +161,13 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
         if _probe(path) is not None:
             return path
     return final if final_progress is not None else None
+
+
+def completed_epochs(ckpt_dir: str | os.PathLike) -> int:
+    """Epochs recorded in ``checkpoint_final.pt`` of ``ckpt_dir``: 0 when it is absent or unreadable."""
+    final = Path(ckpt_dir) / FINAL_NAME
+    progress = _probe(final) if final.is_file() else None
+    return progress[0] if progress else 0
 
 
 def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:

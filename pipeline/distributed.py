@@ -1,14 +1,51 @@
-"""Process-group facts the configs need (rank, world size) and the batch/learning-rate arithmetic of DDP."""
+"""DDP for the bundle: process-group set-up and teardown, per-rank logs and data shards, batch/LR arithmetic.
+
+``bundle/configs/multi_gpu_train.yaml`` calls these under torchrun (``pipeline.launch`` starts it)::
+
+    initialize: init_distributed -> setup_rank_logging -> the training initialize
+    run:        run_and_teardown(trainer)   # the process group is destroyed even when training raises
+
+The helpers read torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) before the group exists, so the
+configs can resolve ranks in any order, and fall back to a single process without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import socket
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import ignite.distributed as idist
+import torch
 import torch.distributed as dist
+from monai.data import partition_dataset
+from monai.utils import RankFilter
 
-__all__ = ["get_rank", "get_world_size", "is_main_process", "effective_batch_size", "scale_lr"]
+__all__ = [
+    "DEFAULT_TIMEOUT_MINUTES",
+    "get_rank",
+    "get_local_rank",
+    "get_world_size",
+    "is_main_process",
+    "effective_batch_size",
+    "scale_lr",
+    "local_device",
+    "default_backend",
+    "init_distributed",
+    "setup_rank_logging",
+    "partition_for_rank",
+    "destroy_distributed",
+    "run_and_teardown",
+]
+
+DEFAULT_TIMEOUT_MINUTES = 30.0
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +55,11 @@ def get_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", 0))
+
+
+def get_local_rank() -> int:
+    """This process's rank on its machine (torchrun's ``LOCAL_RANK``; 0 in a single process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def get_world_size() -> int:
@@ -65,3 +107,138 @@ def scale_lr(base_lr: float, effective_batch: int, reference_batch: int, rule: s
             effective_batch, reference_batch, lr, rule or "no", base_lr,
         )
     return lr
+
+
+def local_device() -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The collective backend for ``device``: NCCL on CUDA, gloo on the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+) -> None:
+    """Join the process group that torchrun describes in the environment (``env://``); no-op when joined already.
+
+    Every collective that waits longer than ``timeout_minutes`` raises (gloo; NCCL through its watchdog), so a
+    rank stuck on a dead peer ends instead of hanging the job. ignite is synchronised with the new group here, on
+    every rank at once: its first distributed call runs collectives, and a handler making that call on one rank
+    only would otherwise deadlock.
+
+    Args:
+        device: this process's device (default ``local_device()``); on CUDA it becomes the current device.
+        backend: "nccl", "gloo", ...; default ``default_backend(device)``.
+        timeout_minutes: bound on every collective and on the rendezvous of the group.
+
+    Raises:
+        RuntimeError: the process was not started by torchrun (its environment variables are missing).
+
+    Example::
+
+        init_distributed(timeout_minutes=10)   # under torchrun --nproc_per_node=2
+    """
+    if dist.is_initialized():
+        return
+    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        msg = (
+            f"torch.distributed environment variables {missing} are not set: start multi_gpu_train.yaml with "
+            "torchrun (or pipeline.launch.launch), or train without the multi-GPU config"
+        )
+        raise RuntimeError(msg)
+    dev = local_device() if device is None else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(
+        backend=backend or default_backend(dev),
+        timeout=timedelta(minutes=timeout_minutes),
+        device_id=dev if dev.type == "cuda" else None,
+    )
+    idist.sync()
+
+
+def setup_rank_logging(log_dir: str | os.PathLike, prefix: str = "training") -> Path:
+    """Log every record of this process to ``log_dir/<prefix>_rank<r>.log`` and keep the console to rank 0.
+
+    A ``logging.FileHandler`` is added to the root logger (once per file); on ranks > 0 the root logger's console
+    handlers get MONAI's ``RankFilter``. Call it after ``init_distributed``.
+
+    Args:
+        log_dir: folder of the per-rank log files (created if missing).
+        prefix: the file name's start, e.g. "training".
+
+    Returns:
+        The path of this rank's log file.
+    """
+    rank = get_rank()
+    path = (Path(log_dir) / f"{prefix}_rank{rank}.log").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        root.addHandler(handler)
+    if rank > 0:
+        for h in root.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.addFilter(RankFilter(rank))
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    logger.info(
+        "rank %d of %d (local rank %d), pid %d on %s, backend %s: logging to %s",
+        rank, get_world_size(), get_local_rank(), os.getpid(), socket.gethostname(), backend, path,
+    )
+    return path
+
+
+def partition_for_rank(data: Sequence, shuffle: bool = True, seed: int = 0, even_divisible: bool = True) -> list:
+    """This rank's share of ``data`` (``monai.data.partition_dataset`` over the world size).
+
+    With a ``CacheDataset`` built on the share, each rank caches only its own items, so cache memory divides by
+    the world size; the price is that items never move between ranks (each rank shuffles its own share only).
+
+    Args:
+        data: the whole datalist, identical on every rank.
+        shuffle: shuffle (with ``seed``, the same on every rank) before partitioning.
+        seed: the shuffle's seed.
+        even_divisible: pad with repeated items so every rank gets as many (training: DDP needs the same number
+            of iterations on every rank); False gives disjoint, possibly uneven shares (validation).
+
+    Raises:
+        ValueError: fewer items than ranks without ``even_divisible`` (a rank would get nothing).
+    """
+    world = get_world_size()
+    if not even_divisible and len(data) < world:
+        msg = f"{len(data)} items cannot be shared by {world} ranks without repeating; use at least {world}"
+        raise ValueError(msg)
+    share = partition_dataset(data, num_partitions=world, shuffle=shuffle, seed=seed, even_divisible=even_divisible)
+    return list(share[get_rank()])
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group, if any, and let ignite forget it (no collective: safe after a crash)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        idist.sync()
+
+
+def run_and_teardown(workflow: Any) -> None:
+    """``workflow.run()``, then ``destroy_distributed()`` whether it returned or raised.
+
+    The bundle's ``finalize`` step does not run when ``run`` raises, so a teardown placed there would leave the
+    process group alive after a crash.
+
+    Args:
+        workflow: anything with ``run()``, e.g. the trainer.
+    """
+    try:
+        workflow.run()
+    finally:
+        destroy_distributed()

@@ -25,7 +25,7 @@ from scipy.special import expit
 
 from pipeline.monitor import ThroughputMonitor, loss_of
 
-__all__ = ["TensorBoardPreview", "TrainingCurves", "save_overlay_sheet"]
+__all__ = ["PredictionOverlays", "TensorBoardPreview", "TrainingCurves", "save_overlay_sheet"]
 
 _THROUGHPUT_KEYS = ("samples_per_min", "data_wait_frac", "cuda_max_allocated_mib", "peak_rss_mib")
 _TRAIN_KEYS = ("epoch", "train_loss", "lr")
@@ -378,3 +378,41 @@ class TensorBoardPreview:
             self.summary_writer.add_image(
                 f"{self.tag_prefix}{role}", plane[None].astype(np.float32), engine.state.epoch, dataformats="CHW"
             )
+
+
+class PredictionOverlays:
+    """Inference handler: after each volume, a PNG of a few axial slices with the predicted surface over the CT,
+    ``<output_dir>/<id>_overlay.png``, so a user can look at a prediction instead of reading numbers.
+
+    Args:
+        output_dir: folder of the PNGs.
+        image_key: key of the (normalised) input volume in each decollated output item.
+        pred_key: key of the binary prediction.
+        n_slices: slices per sheet.
+        enabled: False attaches nothing.
+
+    Example::
+
+        PredictionOverlays("outputs/overlays").attach(inference_evaluator)
+    """
+
+    def __init__(
+        self, output_dir: str | os.PathLike, image_key: str = "image", pred_key: str = "pred", n_slices: int = 4, enabled: bool = True
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.pred_key = pred_key
+        self.n_slices = n_slices
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in outputs:
+            image, pred = item[self.image_key], item[self.pred_key]
+            source = getattr(image, "meta", {}).get("filename_or_obj", f"volume_{engine.state.iteration}")
+            case = Path(str(source)).name.split(".", 1)[0]
+            save_overlay_sheet(image, pred, self.output_dir / f"{case}_overlay.png", n_slices=self.n_slices, title=case)
