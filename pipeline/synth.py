@@ -38,10 +38,10 @@ class SynthConfig:
         seed: the seed everything is derived from.
     """
 
-    n_train: int = 8
-    n_test: int = 2
+    n_train: int = 12
+    n_test: int = 3
     shapes: tuple[tuple[int, int, int], ...] = ((64, 64, 64), (72, 64, 80), (64, 77, 69), (80, 72, 64))
-    n_scrolls: int = 2
+    n_scrolls: int = 3
     seed: int = 0
 
 
