@@ -29,8 +29,9 @@ TRAIN_CONFIG = CONFIGS / "train.yaml"
 INFER_CONFIG = CONFIGS / "inference.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
 
-# a schedule that shows the whole flow on the synthetic default within minutes on a laptop CPU
-DEMO_OVERRIDES: dict[str, Any] = {"epochs": 12, "val_interval": 3}
+# a schedule that shows the whole flow on the synthetic default within minutes on a laptop CPU:
+# 1 warmup epoch + cosine cycles of 10 and 20 epochs, so training ends at the end of a cycle
+DEMO_OVERRIDES: dict[str, Any] = {"epochs": 31, "val_interval": 5}
 
 logger = logging.getLogger("pipeline")
 
