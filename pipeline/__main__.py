@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 TRAIN_CONFIG = CONFIGS / "train.yaml"
 INFER_CONFIG = CONFIGS / "inference.yaml"
+MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
 
 # a schedule that shows the whole flow on the synthetic default within minutes on a laptop CPU:
@@ -70,9 +71,9 @@ def _top_keys(config: Path) -> set[str]:
         return set(yaml.safe_load(f))
 
 
-def route_overrides(overrides: dict[str, Any], config: Path) -> dict[str, Any]:
-    """The overrides whose (top-level part of the) key exists in ``config``."""
-    keys = _top_keys(config)
+def route_overrides(overrides: dict[str, Any], *configs: Path) -> dict[str, Any]:
+    """The overrides whose (top-level part of the) key exists in one of ``configs``."""
+    keys = set().union(*(_top_keys(c) for c in configs))
     return {k: v for k, v in overrides.items() if k.split("#", 1)[0] in keys}
 
 
@@ -162,7 +163,7 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
     return launch.launch(
         [str(TRAIN_CONFIG)],
         "training",
-        route_overrides(overrides, TRAIN_CONFIG),
+        route_overrides(overrides, TRAIN_CONFIG, MULTI_GPU_CONFIG),  # the mixin's keys too (dist_timeout_minutes, ...)
         nproc=args.nproc,
         nnodes=args.nnodes,
         node_rank=args.node_rank,

@@ -69,7 +69,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def list_cases(dataset_dir: str | os.PathLike, split: str) -> list[dict[str, str | None]]:
-    """Cases of ``split`` ("train" or "test") as dicts with ``id``, ``scroll_id`` and the image path.
+    """Cases of ``split`` ("train" or "test") as dicts with ``id``, the image path and, when the csv gives one,
+    ``scroll_id`` (absent otherwise: a None would not collate in a DataLoader).
 
     Raises:
         DatasetError: the dataset folder or the split's image folder is missing, or a case has no image.
@@ -81,10 +82,13 @@ def list_cases(dataset_dir: str | os.PathLike, split: str) -> list[dict[str, str
     images = root / f"{split}_images"
     csv_path = root / f"{split}.csv"
     if csv_path.is_file():
-        rows = [{"id": r["id"].strip(), "scroll_id": (r.get("scroll_id") or "").strip() or None} for r in _read_csv(csv_path)]
+        rows = []
+        for r in _read_csv(csv_path):
+            scroll = (r.get("scroll_id") or "").strip()
+            rows.append({"id": r["id"].strip(), **({"scroll_id": scroll} if scroll else {})})
     elif images.is_dir():
         files = sorted(p for p in images.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
-        rows = [{"id": _case_id(p), "scroll_id": None} for p in files]
+        rows = [{"id": _case_id(p)} for p in files]
     else:
         msg = f"{root}: neither {csv_path.name} nor {images.name}/ found"
         raise DatasetError(msg)
@@ -146,8 +150,8 @@ def split_datalist(
     if len(cases) < 2:
         msg = f"need at least 2 training cases for a train/validation split, got {len(cases)}"
         raise DatasetError(msg)
-    scrolls = sorted({c.get("scroll_id") for c in cases if c.get("scroll_id") is not None})
-    by_scroll = len(scrolls) > 1 and all(c.get("scroll_id") is not None for c in cases)
+    scrolls = {c.get("scroll_id") for c in cases}
+    by_scroll = len(scrolls) > 1 and None not in scrolls
     key = "scroll_id" if by_scroll else "id"
     groups = sorted({str(c[key]) for c in cases})
     order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
@@ -254,7 +258,7 @@ def prepare_datalists(
     """Training and validation datalists for a dataset, checked up front.
 
     Returns:
-        ``{"train": [...], "val": [...]}``, each item a dict with ``image``, ``label``, ``id``, ``scroll_id``.
+        ``{"train": [...], "val": [...]}``, each item a dict with ``image``, ``label``, ``id`` (and ``scroll_id`` when known).
 
     Raises:
         DatasetError: any problem with the dataset, naming the file.

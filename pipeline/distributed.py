@@ -24,7 +24,8 @@ import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from monai.data import partition_dataset
-from monai.utils import RankFilter
+from monai.data.utils import set_rnd
+from monai.utils import RankFilter, set_determinism
 
 __all__ = [
     "DEFAULT_TIMEOUT_MINUTES",
@@ -39,6 +40,7 @@ __all__ = [
     "init_distributed",
     "setup_rank_logging",
     "partition_for_rank",
+    "seed_rank",
     "destroy_distributed",
     "run_and_teardown",
 ]
@@ -220,6 +222,27 @@ def partition_for_rank(data: Sequence, shuffle: bool = True, seed: int = 0, even
         raise ValueError(msg)
     share = partition_dataset(data, num_partitions=world, shuffle=shuffle, seed=seed, even_divisible=even_divisible)
     return list(share[get_rank()])
+
+
+def seed_rank(seed: int, dataset: Any | None = None) -> int:
+    """Seed this process with ``seed + rank`` so that the ranks draw different augmentations.
+
+    ``monai.utils.set_determinism`` with the rank's seed, then the random transforms of ``dataset`` re-seeded from
+    it, as MONAI's ``DataLoader`` seeds them when it is built without workers (with the same seed on every rank,
+    each rank would flip, crop and add noise exactly as the others do). Rank 0 keeps ``seed``.
+
+    Args:
+        seed: the run's seed (the same on every rank).
+        dataset: a dataset whose transforms were seeded already (e.g. the training dataset), or None.
+
+    Returns:
+        This rank's seed.
+    """
+    rank_seed = int(seed) + get_rank()
+    set_determinism(seed=rank_seed)
+    if dataset is not None:
+        set_rnd(dataset, rank_seed)
+    return rank_seed
 
 
 def destroy_distributed() -> None:

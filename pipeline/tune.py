@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
@@ -180,12 +179,12 @@ class PostprocessingSweep:
     def __call__(self, engine: Engine) -> None:
         batch = engine.state.batch
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        ids = [str(item[self.id_key]) for item in batch] if isinstance(batch, list) else list(batch[self.id_key])
-        for case, item in zip(ids, outputs):
+        ids = [item[self.id_key] for item in batch] if isinstance(batch, list) else list(batch[self.id_key])
+        for case, item in zip(map(str, ids), outputs):
             probs = item[Keys.PRED].detach().float().cpu().numpy()
             label = item[Keys.LABEL].detach().cpu().numpy()
-            self.scores[str(case)] = self._score(probs, label.reshape(label.shape[-3:]))
-            best = max(row["score"] for row in self.scores[str(case)])
+            self.scores[case] = self._score(probs, label.reshape(label.shape[-3:]))
+            best = max(row["score"] for row in self.scores[case])
             engine.logger.info("tuning: %s scored with %d settings (best %.4f)", case, len(self.settings), best)
 
     def _score(self, probs: np.ndarray, label: np.ndarray) -> list[dict[str, float]]:
@@ -354,8 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"the grid has {len(settings)} settings, more than --max_settings {args.max_settings}; shrink it"
             raise ValueError(msg)
         rows = sweep(parser, settings, workers=args.workers)
-    except (ValueError, FileNotFoundError, DatasetError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset)
+        if not isinstance(e.__cause__, (FileNotFoundError, DatasetError)):
+            raise
+        print(f"error: {e.__cause__}", file=sys.stderr)
         return 2
     default_row = next(row for row in rows if all(row[k] == default[k] for k in SETTING_KEYS))
     best = rows[0]

@@ -139,3 +139,24 @@ def accumulation_worker(rank: int, world: int, port: int, out_dir: str, micro_ba
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def hang_worker(rank: int, world: int, port: int, out_dir: str, timeout_minutes: float) -> None:
+    """Rank 0 enters an all-reduce that rank 1 never joins; rank 0 records how long until the collective raised."""
+    import time
+
+    from pipeline.distributed import destroy_distributed, init_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed("cpu", timeout_minutes=timeout_minutes)
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1))
+            outcome = "returned"
+        except RuntimeError as e:
+            outcome = type(e).__name__
+        (Path(out_dir) / "hang.json").write_text(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - start}))
+    else:
+        time.sleep(timeout_minutes * 60 * 2)
+    destroy_distributed()

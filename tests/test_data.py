@@ -30,12 +30,15 @@ def test_datalist_from_folders_without_csv(dataset):
     (dataset / "train.csv").unlink()
     (dataset / "test.csv").unlink()
     cases = train_datalist(dataset)
-    assert len(cases) == 5 and all(c["scroll_id"] is None for c in cases)
+    assert len(cases) == 5 and all("scroll_id" not in c for c in cases)
+    from torch.utils.data import default_collate
+
+    default_collate(cases[:2])  # a DataLoader must batch the case dicts (a None field would not collate)
     assert len(data.test_datalist(dataset)) == 2
 
 
 def _cases(n, scrolls=None):
-    return [{"id": str(i), "scroll_id": None if scrolls is None else str(scrolls[i])} for i in range(n)]
+    return [{"id": str(i), **({} if scrolls is None else {"scroll_id": str(scrolls[i])})} for i in range(n)]
 
 
 def test_split_by_scroll_keeps_scrolls_whole():
