@@ -95,10 +95,11 @@ def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny
         assert report["mean"][key] == pytest.approx(mean, abs=1e-12)
         assert float(rows[-1][key]) == pytest.approx(mean, abs=1e-12)
 
-    inference = yaml.safe_load(open(CONFIGS / "inference.yaml"))
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.yaml"))
     keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
     for key in keys:
-        assert report["settings"][key] == inference[key], key
+        assert report["settings"][key] == inference.get_parsed_content(key), key
     assert report["settings"]["model_path"] == str(model_dir / "model.pt")
 
 
