@@ -14,18 +14,11 @@ import yaml
 
 from pipeline import data
 from pipeline.submission import check_submission
-from tests.conftest import TINY_INFER, TINY_TRAIN
+from tests.conftest import TINY_INFER, TINY_TRAIN, cli_args
 from transforms.io import read_volume, read_volume_shape
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
-
-
-def _cli(overrides: dict) -> list[str]:
-    out = []
-    for k, v in overrides.items():
-        out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
-    return out
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -50,7 +43,7 @@ def test_train_then_infer_through_bundle_configs(tiny_dataset, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "models"
     common = {"dataset_dir": str(tiny_dataset), "output_dir": str(out), "ckpt_dir": str(ckpt)}
     _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.yaml"),
-          *_cli({**TINY_TRAIN, **common})])
+          *cli_args({**TINY_TRAIN, **common})])
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint_final.pt").is_file()
     assert (out / "training_curves.png").stat().st_size > 0
     history = json.load(open(out / "training_history.json"))
@@ -58,7 +51,7 @@ def test_train_then_infer_through_bundle_configs(tiny_dataset, tmp_path):
     assert len(rows) == TINY_TRAIN["epochs"]
 
     _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
-          *_cli({**TINY_INFER, **common})])
+          *cli_args({**TINY_INFER, **common})])
     cases = data.test_datalist(tiny_dataset)
     expected = {Path(c["image"]).name.split(".")[0]: read_volume_shape(c["image"]) for c in cases}
     check_submission(out / "submission.zip", expected)

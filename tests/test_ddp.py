@@ -20,6 +20,7 @@ from monai.bundle import ConfigParser
 
 from pipeline import distributed
 from pipeline.data import prepare_datalists
+from pipeline.checkpoint import completed_epochs, find_latest_checkpoint
 from pipeline.launch import MULTI_GPU_CONFIG, launch, torchrun_command
 from tests._ddp_helpers import free_port, hang_worker, recorder_mixin
 from tests.conftest import TINY_TRAIN
@@ -197,18 +198,21 @@ def test_ddp_training_shards_and_gathered_dice(ddp_dataset, tmp_path, capfd):
     assert "effective batch 4 patches/step" in console
 
 
-def test_killed_rank_ends_the_job(ddp_dataset, tmp_path):
-    overrides = _overrides(ddp_dataset, tmp_path, epochs=1000)
+def test_killed_rank_ends_the_job_and_the_run_resumes(ddp_dataset, tmp_path):
+    """SIGKILL one rank mid-training: the whole job exits non-zero within 60 s; relaunched, it resumes from the
+    newest checkpoint and completes with the right epoch count."""
+    overrides = _overrides(ddp_dataset, tmp_path, epochs=1000, val_interval=1000)
     cmd = torchrun_command([str(TRAIN_CONFIG), str(MULTI_GPU_CONFIG)], "training", overrides, nproc=2)
     log1 = tmp_path / "out" / "logs" / "training_rank1.log"
+    ckpts = tmp_path / "models"
     with open(tmp_path / "torchrun.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while not (log1.is_file() and "Engine run resuming" in log1.read_text()):
+        deadline = time.monotonic() + 120
+        while not list(ckpts.glob("checkpoint_epoch=*.pt")):  # killed after at least one checkpoint
             assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "rank 1 never started training"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
         pid = int(re.search(r"rank 1 of 2 .*pid (\d+)", log1.read_text()).group(1))
         start = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -217,6 +221,14 @@ def test_killed_rank_ends_the_job(ddp_dataset, tmp_path):
         assert time.monotonic() - start < 60
     finally:
         _kill_group(proc)
+
+    latest = find_latest_checkpoint(ckpts)
+    done = int(re.search(r"epoch=(\d+)", latest.name).group(1))
+    target = done + 2
+    assert launch([str(TRAIN_CONFIG)], "training", {**overrides, "epochs": target}, nproc=2) == 0
+    assert completed_epochs(ckpts) == target
+    rank0 = (tmp_path / "out" / "logs" / "training_rank0.log").read_text()
+    assert "Resumed from" in rank0 and f"at epoch {done}" in rank0
 
 
 def test_two_nodes_on_one_machine_with_partitioned_cache(ddp_dataset, tmp_path):

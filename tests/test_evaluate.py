@@ -11,24 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from monai.bundle import ConfigParser
 
 from pipeline.data import prepare_datalists
 from pipeline.evaluate import write_metrics
 from pipeline.score import COMPONENT_KEYS, score_volume
-from tests.conftest import TINY_TRAIN
+from tests.conftest import TINY_NETWORK, cli_args
 from transforms.io import read_volume
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 EVAL_CONFIGS = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'evaluate.yaml'}']"
-TINY_NETWORK = {k: TINY_TRAIN[k] for k in ("patch_size", "network_channels", "network_strides", "num_res_units")}
-
-
-def _cli(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -36,18 +30,6 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """ckpt_dir holding model.pt: a freshly initialised tiny network, as train.yaml builds it."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.yaml"))
-    parser.update(TINY_NETWORK)
-    torch.manual_seed(0)
-    ckpt_dir = tmp_path_factory.mktemp("eval_models")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt_dir / "model.pt")
-    return ckpt_dir
 
 
 def test_evaluate_yaml_is_a_mixin_with_inference_defaults():
@@ -61,11 +43,11 @@ def test_evaluate_yaml_is_a_mixin_with_inference_defaults():
         assert evaluate[key] == f"%bundle/configs/inference.yaml#{key}"
 
 
-def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny_dataset, model_dir, tmp_path):
+def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny_dataset, tiny_model_dir, tmp_path):
     out, preds = tmp_path / "eval", tmp_path / "eval" / "masks"
-    overrides = {**TINY_NETWORK, "amp": False, "dataset_dir": tiny_dataset, "ckpt_dir": model_dir, "output_dir": out,
+    overrides = {**TINY_NETWORK, "amp": False, "dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "output_dir": out,
                  "pred_dir": preds}
-    _run(["-m", "monai.bundle", "run", "evaluating", "--config_file", EVAL_CONFIGS, *_cli(overrides)])
+    _run(["-m", "monai.bundle", "run", "evaluating", "--config_file", EVAL_CONFIGS, *cli_args(overrides)])
 
     labels = {c["id"]: c["label"] for c in prepare_datalists(tiny_dataset, check=False)["val"]}
     val_ids = set(labels)
@@ -100,7 +82,7 @@ def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny
     keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
     for key in keys:
         assert report["settings"][key] == inference.get_parsed_content(key), key
-    assert report["settings"]["model_path"] == str(model_dir / "model.pt")
+    assert report["settings"]["model_path"] == str(tiny_model_dir / "model.pt")
 
 
 def test_evaluating_without_a_checkpoint_says_what_to_do(tmp_path):

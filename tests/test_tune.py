@@ -11,18 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-import torch
-from monai.bundle import ConfigParser
 
 from pipeline.__main__ import parse_overrides
 from pipeline.data import prepare_datalists
 from pipeline.score import COMPONENT_KEYS
 from pipeline.tune import SETTING_KEYS, SweepGrid, format_overrides, main
-from tests.conftest import TINY_TRAIN
+from tests.conftest import TINY_NETWORK, cli_args
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
-TINY_NETWORK = {k: TINY_TRAIN[k] for k in ("patch_size", "network_channels", "network_strides", "num_res_units")}
 # a setting for the grid's unit tests
 DEFAULT = {
     "threshold": 0.5,
@@ -34,22 +31,6 @@ DEFAULT = {
 }
 # the post-processing setting inference.yaml ships with
 SHIPPED = {k: v for k, v in yaml.safe_load(open(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.yaml")).items() if k in DEFAULT}
-
-
-def _cli(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """ckpt_dir holding model.pt: a freshly initialised tiny network, as train.yaml builds it."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.yaml"))
-    parser.update(TINY_NETWORK)
-    torch.manual_seed(0)
-    ckpt_dir = tmp_path_factory.mktemp("tune_models")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt_dir / "model.pt")
-    return ckpt_dir
 
 
 def test_grid_puts_the_default_first_once_and_skips_impossible_hysteresis():
@@ -73,14 +54,14 @@ def test_printed_overrides_parse_back_to_the_setting():
     assert parse_overrides(shlex.split(format_overrides(setting))) == setting
 
 
-def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, model_dir, tmp_path, capsys,
+def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny_model_dir, tmp_path, capsys,
                                                                monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "tune"
     grid = ["--grid_threshold", "0.3,0.5,0.7", "--grid_hysteresis_high", "none,0.9", "--grid_closing_radius", "0,1",
             "--grid_plug_holes", "true", "--grid_min_size", "0,200"]
-    common = {**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": model_dir, "amp": False}
-    assert main([*_cli({**common, "output_dir": out}), *grid]) == 0
+    common = {**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "amp": False}
+    assert main([*cli_args({**common, "output_dir": out}), *grid]) == 0
     printed = capsys.readouterr().out
     report = json.load(open(out / "tuning.json"))
 
@@ -102,7 +83,7 @@ def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, mode
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'evaluate.yaml'}']"
     command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs,
-               *_cli({**common, "output_dir": tmp_path / "eval"}), *shlex.split(report["overrides"])]
+               *cli_args({**common, "output_dir": tmp_path / "eval"}), *shlex.split(report["overrides"])]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
@@ -113,9 +94,9 @@ def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, mode
         assert metrics["volumes"][case]["score"] == pytest.approx(score, abs=1e-9), case
 
 
-def test_tune_refuses_a_grid_over_the_bound(tiny_dataset, model_dir, tmp_path, capsys, monkeypatch):
+def test_tune_refuses_a_grid_over_the_bound(tiny_dataset, tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    argv = [*_cli({**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": model_dir, "output_dir": tmp_path}),
+    argv = [*cli_args({**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "output_dir": tmp_path}),
             "--max_settings", "5"]
     assert main(argv) == 2
     assert "more than --max_settings 5" in capsys.readouterr().err
