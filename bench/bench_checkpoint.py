@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from ignite.engine import Engine
 from monai.networks.nets import UNet
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from pipeline.checkpoint import TrainingCheckpointer, find_latest_checkpoint
 
 

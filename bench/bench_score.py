@@ -10,10 +10,13 @@ takes about a minute per 320^3 volume. Run from the repo root::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from pipeline.score import score_volume, surface_dice, topo_score, voi
 
 

@@ -102,6 +102,11 @@ def run_main_job(argv: list[str]) -> int:
     parser.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
+    known = set().union(*(_top_keys(c) for c in (TRAIN_CONFIG, MULTI_GPU_CONFIG, INFER_CONFIG)))
+    unknown = sorted(k for k in overrides if k.split("#", 1)[0] not in known)
+    if unknown:
+        print(f"error: unknown setting(s) {unknown}: not a key of train.yaml, multi_gpu_train.yaml or inference.yaml", file=sys.stderr)
+        return 2
     from pipeline.data import DatasetError
 
     start = time.monotonic()
@@ -116,7 +121,7 @@ def run_main_job(argv: list[str]) -> int:
         "output_dir": args.output_dir,
         "ckpt_dir": args.ckpt_dir,
     }
-    train_overrides = {**common, **overrides}
+    train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if not args.skip_training and not _training_complete(train_overrides):
         rc = _train(train_overrides, args)
         if rc != 0:

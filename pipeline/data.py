@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.io import VolumeError, read_volume, read_volume_shape
+from transforms.io import VolumeError, case_id, read_volume, read_volume_shape
 
 __all__ = [
     "DatasetError",
@@ -43,11 +43,6 @@ LABEL_VALUES = (0, 1, 2)
 
 class DatasetError(ValueError):
     """A dataset that cannot be trained or predicted on; the message names the file and the problem."""
-
-
-def _case_id(path: Path) -> str:
-    # the competition's scorer takes the id up to the first dot
-    return path.name.split(".", 1)[0]
 
 
 def find_volume(folder: Path, case_id: str) -> Path | None:
@@ -88,7 +83,7 @@ def list_cases(dataset_dir: str | os.PathLike, split: str) -> list[dict[str, str
             rows.append({"id": r["id"].strip(), **({"scroll_id": scroll} if scroll else {})})
     elif images.is_dir():
         files = sorted(p for p in images.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
-        rows = [{"id": _case_id(p)} for p in files]
+        rows = [{"id": case_id(p)} for p in files]
     else:
         msg = f"{root}: neither {csv_path.name} nor {images.name}/ found"
         raise DatasetError(msg)
@@ -212,7 +207,8 @@ def check_train_datalist(cases: list[dict], workers: int = 4) -> None:
 
 
 def check_test_datalist(cases: list[dict], workers: int = 4) -> None:
-    """Check every test image: readable and 3D (from the header).
+    """Check every test image before inference: fully decoded (a truncated file fails here, not after training),
+    3D, and its header agrees with its data (the submission is checked against the header's shape).
 
     Raises:
         DatasetError: the first problem found, naming the file.
@@ -220,8 +216,9 @@ def check_test_datalist(cases: list[dict], workers: int = 4) -> None:
 
     def _check(case: dict) -> None:
         shape = read_volume_shape(case["image"])
-        if len(shape) != 3:
-            msg = f"{case['image']}: expected a 3D volume, got shape {shape}"
+        decoded = read_volume(case["image"]).shape
+        if decoded != shape:
+            msg = f"{case['image']}: header says shape {shape} but {decoded} decodes (truncated file?)"
             raise DatasetError(msg)
 
     try:

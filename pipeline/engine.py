@@ -13,12 +13,13 @@ import logging
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.workflow import Workflow
 from monai.utils.enums import CommonKeys as Keys
 from monai.engines.utils import IterationEvents
 
-__all__ = ["cpu_has_fast_bf16", "resolve_amp", "autocast_for", "Trainer", "Evaluator"]
+__all__ = ["cpu_has_fast_bf16", "resolve_amp", "autocast_for", "Trainer", "Evaluator", "validate_at_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +163,23 @@ class Evaluator(SupervisedEvaluator):
     def _iteration(self, engine: Evaluator, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         with autocast_for(engine.state.device, engine.amp_dtype):
             return super()._iteration(engine, batchdata)
+
+
+def validate_at_end(trainer: Engine, evaluator: SupervisedEvaluator, interval: int) -> None:
+    """Validate once more when training completes on an epoch that ``ValidationHandler(interval)`` skipped.
+
+    Every run then ends validated: the best model is chosen among all epochs trained (and written at all when
+    ``epochs < interval``). Attach it before handlers that act on COMPLETED and need the final metric (the
+    checkpointer's final save).
+
+    Args:
+        trainer: the training engine.
+        evaluator: the validation engine.
+        interval: the ``ValidationHandler``'s epoch interval.
+    """
+
+    def _final(engine: Engine) -> None:
+        if engine.state.epoch % interval:
+            evaluator.run(engine.state.epoch)
+
+    trainer.add_event_handler(Events.COMPLETED, _final)

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from scipy.special import expit
 
 from pipeline.monitor import ThroughputMonitor, loss_of
+from transforms.io import case_id
 
 __all__ = ["PredictionOverlays", "TensorBoardPreview", "TrainingCurves", "save_overlay_sheet"]
 
@@ -414,5 +415,5 @@ class PredictionOverlays:
         for item in outputs:
             image, pred = item[self.image_key], item[self.pred_key]
             source = getattr(image, "meta", {}).get("filename_or_obj", f"volume_{engine.state.iteration}")
-            case = Path(str(source)).name.split(".", 1)[0]
+            case = case_id(str(source))
             save_overlay_sheet(image, pred, self.output_dir / f"{case}_overlay.png", n_slices=self.n_slices, title=case)

@@ -26,7 +26,9 @@ class _WarmupScheduler(LRScheduler):
     Subclasses give the schedule after warmup as a function of the iteration counted from the end of warmup.
     """
 
-    def __init__(self, optimizer: Optimizer, warmup_iters: int, warmup_start_factor: float) -> None:
+    def __init__(
+        self, optimizer: Optimizer, warmup_iters: int, warmup_start_factor: float, epoch_length: int | None = None
+    ) -> None:
         if warmup_iters < 0:
             msg = f"warmup_iters must be >= 0, got {warmup_iters}."
             raise ValueError(msg)
@@ -35,6 +37,7 @@ class _WarmupScheduler(LRScheduler):
             raise ValueError(msg)
         self.warmup_iters = int(warmup_iters)
         self.warmup_start_factor = float(warmup_start_factor)
+        self.epoch_length = epoch_length
         super().__init__(optimizer)
 
     def _lr_after_warmup(self, base_lr: float, it: int) -> float:
@@ -57,16 +60,31 @@ class _WarmupScheduler(LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return self.lr_at(self.last_epoch)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the schedule and write its current learning rate into the optimizer.
+    def state_dict(self) -> dict:
+        """The progress only: iterations stepped, and the epoch length they were counted in.
 
-        Writing the learning rate here means the first iteration after a resume runs at the scheduled value
-        even when the optimizer state was not restored (or was restored from an older checkpoint).
+        The schedule's shape (warmup, cycle lengths, run length) and its peak learning rate belong to the run that
+        loads the state, so raising ``epochs`` on a finished run, or resuming with another world size, dataset size
+        or learning rate, takes effect instead of bringing back the old settings.
+        """
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "epoch_length": self.epoch_length}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the progress and write the current learning rate into the optimizer.
+
+        When both runs know their epoch length and it changed (world size or dataset size), the iteration count
+        is rebased so the schedule continues at the same fractional epoch. Writing the learning rate here means the
+        first iteration after a resume runs at the scheduled value even when the optimizer state was not restored.
 
         Args:
             state_dict: as returned by :meth:`state_dict`.
         """
-        super().load_state_dict(state_dict)
+        last = int(state_dict["last_epoch"])
+        saved_length = state_dict.get("epoch_length")
+        if saved_length and self.epoch_length and saved_length != self.epoch_length:
+            last = round(last * self.epoch_length / saved_length)
+        self.last_epoch = last
+        self._step_count = int(state_dict.get("_step_count", last + 1))
         for group, lr in zip(self.optimizer.param_groups, self.lr_at(self.last_epoch), strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
@@ -92,6 +110,7 @@ class WarmupCosineRestarts(_WarmupScheduler):
         t_mult: integer growth factor of the cycle length after each restart.
         eta_min: learning rate at the bottom of each cycle.
         warmup_start_factor: learning rate at iteration 0 as a fraction of the peak.
+        epoch_length: iterations per epoch, if known: a resume with another epoch length rebases the progress.
 
     Raises:
         ValueError: when ``t0_iters < 1``, ``t_mult`` is not an integer >= 1, or a warmup argument is out of range.
@@ -105,6 +124,7 @@ class WarmupCosineRestarts(_WarmupScheduler):
         t_mult: int = 2,
         eta_min: float = 1e-6,
         warmup_start_factor: float = 0.01,
+        epoch_length: int | None = None,
     ) -> None:
         if t0_iters < 1:
             msg = f"t0_iters must be >= 1, got {t0_iters}."
@@ -116,7 +136,7 @@ class WarmupCosineRestarts(_WarmupScheduler):
         self.t0_iters = int(t0_iters)
         self.t_mult = int(t_mult)
         self.eta_min = float(eta_min)
-        super().__init__(optimizer, warmup_iters, warmup_start_factor)
+        super().__init__(optimizer, warmup_iters, warmup_start_factor, epoch_length)
 
     def _lr_after_warmup(self, base_lr: float, it: int) -> float:
         t_cur, t_i = it, self.t0_iters
@@ -143,6 +163,7 @@ class WarmupPolyLR(_WarmupScheduler):
         max_iters: total number of iterations of the run, warmup included.
         exponent: polynomial exponent.
         warmup_start_factor: learning rate at iteration 0 as a fraction of the peak.
+        epoch_length: iterations per epoch, if known: a resume with another epoch length rebases the progress.
 
     Raises:
         ValueError: when ``max_iters <= warmup_iters`` or a warmup argument is out of range.
@@ -155,13 +176,14 @@ class WarmupPolyLR(_WarmupScheduler):
         max_iters: int,
         exponent: float = 0.9,
         warmup_start_factor: float = 0.01,
+        epoch_length: int | None = None,
     ) -> None:
         if max_iters <= warmup_iters:
             msg = f"max_iters ({max_iters}) must exceed warmup_iters ({warmup_iters})."
             raise ValueError(msg)
         self.max_iters = int(max_iters)
         self.exponent = float(exponent)
-        super().__init__(optimizer, warmup_iters, warmup_start_factor)
+        super().__init__(optimizer, warmup_iters, warmup_start_factor, epoch_length)
 
     def _lr_after_warmup(self, base_lr: float, it: int) -> float:
         n = self.max_iters - self.warmup_iters
@@ -228,6 +250,7 @@ def build_lr_scheduler(
             t_mult=T_mult,
             eta_min=eta_min,
             warmup_start_factor=warmup_start_factor,
+            epoch_length=epoch_length,
         )
     if name == "poly":
         if max_epochs is None:
@@ -239,6 +262,7 @@ def build_lr_scheduler(
             max_iters=_to_iters(max_epochs, epoch_length),
             exponent=poly_exponent,
             warmup_start_factor=warmup_start_factor,
+            epoch_length=epoch_length,
         )
     msg = f"Unknown lr scheduler name {name!r}; expected 'cosine_restarts' or 'poly'."
     raise ValueError(msg)

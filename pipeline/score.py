@@ -74,6 +74,8 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
+from transforms.io import case_id
+
 __all__ = [
     "COMPONENT_KEYS",
     "SCORE_WEIGHTS",
@@ -616,10 +618,6 @@ class CompetitionScoreHandler(IgniteMetricHandler):
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
-def _volume_id(name: str) -> str:
-    return Path(name).name.split(".")[0]
-
-
 def _read_tiff(source: Path | bytes, name: str) -> np.ndarray:
     try:
         array = tifffile.imread(io.BytesIO(source) if isinstance(source, bytes) else source)
@@ -635,7 +633,7 @@ def _read_tiff(source: Path | bytes, name: str) -> np.ndarray:
 def _index(entries: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
     index: dict[str, Any] = {}
     for name, ref in entries:
-        volume_id = _volume_id(name)
+        volume_id = case_id(name)
         if volume_id in index:
             msg = f"{where}: two files for volume id {volume_id!r}"
             raise ValueError(msg)
@@ -658,15 +656,16 @@ def _pairs(pred: Path, labels: Path) -> Iterator[tuple[str, np.ndarray, np.ndarr
     else:
         msg = f"{pred}: predictions must be a submission .zip or a folder of <id>.tif files"
         raise ValueError(msg)
-    for volume_id in sorted(set(label_files) | set(pred_files)):
-        if volume_id not in pred_files:
-            msg = f"{pred}: no prediction for volume id {volume_id!r} (label {label_files[volume_id]})"
-            raise ValueError(msg)
+    # the predicted ids are scored: a labels folder may hold more (all of train_labels for one validation fold)
+    if not pred_files:
+        msg = f"{pred}: no <id>.tif predictions found"
+        raise ValueError(msg)
+    for volume_id in sorted(pred_files):
         if volume_id not in label_files:
             msg = f"{labels}: no label for volume id {volume_id!r} (prediction {pred_files[volume_id]})"
             raise ValueError(msg)
     try:
-        for volume_id in sorted(label_files):
+        for volume_id in sorted(pred_files):
             ref = pred_files[volume_id]
             pred_name = f"{pred}:{ref}" if archive is not None else str(ref)
             pred_array = _read_tiff(archive.read(ref) if archive is not None else ref, pred_name)

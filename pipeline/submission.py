@@ -19,23 +19,18 @@ import tifffile
 import torch
 from monai.utils import CommonKeys as Keys
 
-from transforms.io import read_volume_shape, write_volume
+from transforms.io import case_id, read_volume_shape, write_volume
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["SubmissionError", "case_id_of", "check_submission", "write_submission_zip", "SubmissionWriter"]
+__all__ = ["SubmissionError", "check_submission", "write_submission_zip", "SubmissionWriter"]
 
 logger = logging.getLogger(__name__)
 
 
 class SubmissionError(ValueError):
     """A submission that would not score: missing or extra ids, wrong shape or dtype, unreadable member."""
-
-
-def case_id_of(path: str | os.PathLike) -> str:
-    """The case id of a volume file: its name up to the first dot, as the competition's scorer takes it."""
-    return Path(path).name.split(".", 1)[0]
 
 
 def check_submission(zip_path: str | os.PathLike, expected: Mapping[str, Sequence[int]]) -> None:
@@ -56,7 +51,7 @@ def check_submission(zip_path: str | os.PathLike, expected: Mapping[str, Sequenc
         raise SubmissionError(msg) from e
     with zf:
         members = [n for n in zf.namelist() if n.lower().endswith((".tif", ".tiff"))]
-        ids = [case_id_of(n) for n in members]
+        ids = [case_id(n) for n in members]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         missing = sorted(set(expected) - set(ids))
         extra = sorted(set(ids) - set(expected))
@@ -69,7 +64,7 @@ def check_submission(zip_path: str | os.PathLike, expected: Mapping[str, Sequenc
             except Exception as e:
                 msg = f"{zip_path}:{name}: unreadable TIFF ({e})"
                 raise SubmissionError(msg) from e
-            want = tuple(int(s) for s in expected[case_id_of(name)])
+            want = tuple(int(s) for s in expected[case_id(name)])
             if arr.shape != want or arr.dtype != np.uint8:
                 msg = f"{zip_path}:{name}: got {arr.dtype} {arr.shape}, expected uint8 {want}"
                 raise SubmissionError(msg)
@@ -130,7 +125,7 @@ class SubmissionWriter:
     ) -> None:
         self.pred_dir = Path(pred_dir)
         self.zip_path = Path(zip_path) if zip_path else None
-        self.expected = {case_id_of(c["image"]): read_volume_shape(c["image"]) for c in datalist}
+        self.expected = {case_id(c["image"]): read_volume_shape(c["image"]) for c in datalist}
         self.output_key = output_key
 
     def attach(self, engine: Engine) -> None:
@@ -144,7 +139,7 @@ class SubmissionWriter:
         for item in outputs:
             mask = item[self.output_key]
             source = mask.meta["filename_or_obj"] if hasattr(mask, "meta") else item["image"].meta["filename_or_obj"]
-            case = case_id_of(source)
+            case = case_id(source)
             arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
             arr = arr.reshape(arr.shape[-3:]) if arr.ndim == 4 else arr
             if tuple(arr.shape) != tuple(self.expected[case]):

@@ -28,15 +28,23 @@ def test_overrides_parse_and_route():
     assert infer == {"patch_size": [48, 48, 48], "tta": True}  # train-only keys stay out of inference
 
 
+def test_unknown_setting_is_refused(capsys):
+    from pipeline.__main__ import main
+
+    assert main(["--epoch", "4"]) == 2  # a typo must not silently train the default schedule
+    assert "unknown setting(s) ['epoch']" in capsys.readouterr().err
+
+
 def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "models"
     tiny = []
-    for k, v in TINY_TRAIN.items():
+    for k, v in {**TINY_TRAIN, "val_interval": 5}.items():  # fewer epochs than val_interval: validated at the end
         tiny += [f"--{k}", str(v).replace(" ", "")]
     base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny]
 
     first = _main(base)
     assert "submission:" in first.stdout and (out / "submission.zip").is_file()
+    assert (ckpt / "model.pt").is_file()
     assert completed_epochs(ckpt) == TINY_TRAIN["epochs"]
 
     (out / "submission.zip").unlink()

@@ -103,6 +103,26 @@ def test_resume_continues_identically(name: str) -> None:
     assert got == expected[37:]
 
 
+def test_resume_takes_the_new_runs_settings() -> None:
+    """Raising epochs on a finished poly run continues the decay over the new length (the old max_iters would
+    leave the learning rate at 0); a changed epoch length rebases the progress to the same fractional epoch."""
+    done = build_lr_scheduler(_optimizer(), "poly", epoch_length=4, max_epochs=10)
+    _run_to(done, 40)
+    assert done.get_last_lr()[0] == 0.0
+    longer = build_lr_scheduler(_optimizer(), "poly", epoch_length=4, max_epochs=20)
+    longer.load_state_dict(done.state_dict())
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(BASE_LR * 0.5**0.9, rel=1e-12)
+
+    kwargs = {"warmup_epochs": 1, "T_0": 4, "T_mult": 2}
+    four = build_lr_scheduler(_optimizer(), "cosine_restarts", epoch_length=4, **kwargs)
+    _run_to(four, 12)  # 3 epochs of 4 iterations
+    eight = build_lr_scheduler(_optimizer(), "cosine_restarts", epoch_length=8, **kwargs)
+    eight.load_state_dict(four.state_dict())
+    assert eight.last_epoch == 24  # 3 epochs of 8 iterations
+    assert eight.optimizer.param_groups[0]["lr"] == pytest.approx(eight.lr_at(24)[0], rel=1e-12)
+    assert eight.lr_at(24)[0] == pytest.approx(four.lr_at(12)[0], rel=1e-12)  # same point of the schedule
+
+
 def test_factory_converts_fractional_epochs() -> None:
     scheduler = build_lr_scheduler(_optimizer(), "cosine_restarts", epoch_length=8, warmup_epochs=0.5, T_0=2.5)
     assert isinstance(scheduler, WarmupCosineRestarts)

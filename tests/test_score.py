@@ -362,9 +362,13 @@ def test_cli_folder_and_zip(tmp_path, labels_dir, capsys):
 def test_cli_errors_name_the_file(tmp_path, labels_dir, capsys):
     preds = tmp_path / "preds"
     preds.mkdir()
-    tifffile.imwrite(preds / "100.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
     assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
-    assert "'200'" in capsys.readouterr().err
+    assert "no <id>.tif predictions" in capsys.readouterr().err
+
+    # a fold's predictions scored against a folder holding more labels: only the predicted ids count
+    tifffile.imwrite(preds / "100.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
+    assert main(["--pred", str(preds), "--labels", str(labels_dir), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["volumes"]) == ["100"]
 
     tifffile.imwrite(preds / "200.tif", np.zeros((SMALL, SMALL, SMALL + 1), np.uint8))
     assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1

@@ -19,9 +19,15 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import ensure_tuple
 
-__all__ = ["TIFF_SUFFIXES", "VolumeError", "TiffReader", "read_volume", "read_volume_shape", "write_volume"]
+__all__ = ["TIFF_SUFFIXES", "VolumeError", "TiffReader", "case_id", "read_volume", "read_volume_shape", "write_volume"]
 
 TIFF_SUFFIXES = ("tif", "tiff")
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """A volume's case id: its file name up to the first dot, as the competition's scorer takes it
+    (``a/b/1234.tif`` and ``1234.nii.gz`` are case ``1234``)."""
+    return Path(path).name.split(".", 1)[0]
 
 
 class VolumeError(ValueError):
