@@ -51,6 +51,8 @@ from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from transforms.io import atomic_write
+
 __all__ = [
     "FINAL_NAME",
     "atomic_save",
@@ -77,16 +79,6 @@ def checkpoint_name(epoch: int, iteration: int) -> str:
     return f"checkpoint_epoch={epoch:04d}_iter={iteration:06d}.pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    # O_DIRECTORY exists only where a directory can be opened and fsynced (POSIX).
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` that never leaves a partial file at ``path``.
 
@@ -100,20 +92,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _periodic_checkpoints(ckpt_dir: Path) -> list[tuple[tuple[int, int], Path]]:

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,38 +20,12 @@ import numpy as np
 import torch
 from monai.utils import CommonKeys as Keys
 
-from transforms.io import write_volume
+from transforms.io import atomic_write_bytes, write_volume
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["MetricsWriter", "atomic_write_text", "write_metrics"]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed and renamed into place.
-
-    Args:
-        path: destination file; its folder is created if needed.
-        text: the content.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["MetricsWriter", "write_metrics"]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -109,8 +82,8 @@ def write_metrics(
         "settings": dict(settings or {}),
     }
     out = Path(output_dir)
-    atomic_write_text(out / f"{name}.csv", buffer.getvalue())
-    atomic_write_text(out / f"{name}.json", json.dumps(content, indent=2, default=str) + "\n")
+    atomic_write_bytes(out / f"{name}.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / f"{name}.json", (json.dumps(content, indent=2, default=str) + "\n").encode())
     return content
 
 

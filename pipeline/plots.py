@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from scipy.special import expit
 
 from pipeline.monitor import ThroughputMonitor, loss_of
-from transforms.io import case_id
+from transforms.io import atomic_write_bytes, case_id
 
 __all__ = ["PredictionOverlays", "TensorBoardPreview", "TrainingCurves", "save_overlay_sheet"]
 
@@ -32,16 +32,10 @@ _THROUGHPUT_KEYS = ("samples_per_min", "data_wait_frac", "cuda_max_allocated_mib
 _TRAIN_KEYS = ("epoch", "train_loss", "lr")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_figure(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class TrainingCurves:
@@ -183,7 +177,7 @@ class TrainingCurves:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows = [self.history[e] for e in sorted(self.history)]
         text = json.dumps({"epochs": rows}, indent=1)
-        _atomic_write_bytes(self.output_dir / self.json_name, text.encode())
+        atomic_write_bytes(self.output_dir / self.json_name, text.encode())
         # drawing takes ~0.5 s: skip it when the numbers have not changed (COMPLETED right after a validation)
         plot = plot and text != self._plotted
         if plot:
@@ -195,7 +189,7 @@ class TrainingCurves:
         writer = csv.DictWriter(table, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write_bytes(self.output_dir / self.csv_name, table.getvalue().encode())
+        atomic_write_bytes(self.output_dir / self.csv_name, table.getvalue().encode())
         if plot:
             self._plot(rows, columns)
 

@@ -33,8 +33,8 @@ import numpy as np
 from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
-from pipeline.evaluate import atomic_write_text
 from pipeline.score import COMPONENT_KEYS, score_volume
+from transforms.io import atomic_write_bytes
 from transforms.postprocess import build_postprocessing
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides_text,
         "rows": rows,
     }
-    atomic_write_text(output_dir / "tuning.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_bytes(output_dir / "tuning.json", (json.dumps(report, indent=2) + "\n").encode())
     print(f"{len(settings)} settings x {len(best['volumes'])} validation volumes; best first:")
     print(_table(rows[: args.top]))
     print(f"default setting: score {default_row['score']:.4f}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import tifffile
@@ -19,9 +19,63 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import ensure_tuple
 
-__all__ = ["TIFF_SUFFIXES", "VolumeError", "TiffReader", "case_id", "read_volume", "read_volume_shape", "write_volume"]
+__all__ = [
+    "TIFF_SUFFIXES",
+    "VolumeError",
+    "TiffReader",
+    "atomic_write",
+    "atomic_write_bytes",
+    "case_id",
+    "read_volume",
+    "read_volume_shape",
+    "write_volume",
+]
 
 TIFF_SUFFIXES = ("tif", "tiff")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write a file so that a reader never sees it half-written: ``write(f)`` fills a temporary file in the same
+    folder, which is flushed, fsynced and renamed over ``path`` (atomic on one filesystem); the folder is fsynced
+    so the rename survives a crash. On any error the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: destination; its folder is created if missing.
+        write: called with the open binary temporary file.
+
+    Returns:
+        ``path``.
+
+    Example::
+
+        atomic_write("model.pt", lambda f: torch.save(state, f))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``atomic_write`` of a bytes payload (text: ``text.encode()``)."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def case_id(path: str | os.PathLike) -> str:
@@ -143,20 +197,7 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, compression: str = 
             msg = f"{path}: values outside uint8 range [{arr.min()}, {arr.max()}]"
             raise ValueError(msg)
         arr = arr.astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a written volume is an ordinary output file
-    try:
-        with open(tmp, "wb") as f:
-            tifffile.imwrite(f, arr, compression=compression, photometric="minisblack")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: tifffile.imwrite(f, arr, compression=compression, photometric="minisblack"))
 
 
 class TiffReader(ImageReader):
