@@ -126,7 +126,7 @@ def run_main_job(argv: list[str]) -> int:
         rc = _train(train_overrides, args)
         if rc != 0:
             return rc
-    _bundle_run("inference", INFER_CONFIG, route_overrides({**common, **overrides}, INFER_CONFIG))
+    _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
     out = Path(args.output_dir)
     print(
         "\n".join(
