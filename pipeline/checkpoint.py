@@ -31,14 +31,34 @@ after every other handler (so that, e.g., the LR scheduler's per-iteration step 
 
 Under DDP every rank builds and attaches the handler; the timed decision is taken on rank 0 and broadcast, random
 states are gathered from every rank, only rank 0 writes, and each rank restores its own random state.
+
+Preemption. SIGTERM (what Kaggle, SLURM and Kubernetes send before killing), SIGUSR1 (SLURM's ``--signal``
+warning) and SIGINT (Ctrl-C; a second one aborts at once) only set a flag while training runs. At the next
+iteration boundary a checkpoint is written and the run raises :class:`pipeline.errors.Preempted` (exit code 128 +
+the signal number): the iteration in flight completes and is saved, none is lost. The flag is all-reduced across
+ranks with the timed decision (one small collective per iteration), so a signal on any rank stops every rank at
+the same iteration. At the last iteration of an epoch the checkpoint waits for the epoch's handlers (validation):
+a file written before them would resume past the epoch's validation.
+
+One run per folder. At start, rank 0 takes an exclusive ``fcntl.flock`` on ``ckpt_dir/.training.lock`` (which
+names the host, PID and start time of the holder) before anything is written there; a second run on the folder
+stops at once with one line naming the holder. The OS drops the lock when the process dies, so a killed run never
+blocks the next. On a filesystem shared by several machines the lock holds across them only where the filesystem
+implements ``flock`` across clients (NFSv4 and Linux NFS clients do; Lustre needs the ``flock`` mount option;
+some FUSE filesystems lock per machine only).
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import logging
 import os
 import random
 import re
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,10 +71,13 @@ from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from pipeline.errors import CheckpointDirError, Preempted, pass_on
 from transforms.io import atomic_write
 
 __all__ = [
     "FINAL_NAME",
+    "LOCK_NAME",
+    "PREEMPT_SIGNALS",
     "atomic_save",
     "checkpoint_name",
     "find_latest_checkpoint",
@@ -69,7 +92,9 @@ logger = logging.getLogger(__name__)
 
 FINAL_NAME = "checkpoint_final.pt"
 _PERIODIC_RE = re.compile(r"^checkpoint_epoch=(\d+)_iter=(\d+)\.pt$")
-_TMP_GLOB = ".checkpoint_*.tmp"
+LOCK_NAME = ".training.lock"
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_TMP_GLOB = ".*.tmp"  # temporary files of atomic writes (checkpoints, model.pt) a killed run left behind
 
 RngState = dict[str, Any]
 
@@ -92,7 +117,83 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The destination path.
     """
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=_tensor_bytes(obj))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): about the size of its ``torch.save`` file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class _DirLock:
+    """An exclusive OS lock on ``folder/LOCK_NAME`` for as long as it is held (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock and write who holds it.
+
+        Raises:
+            CheckpointDirError: another process holds it.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name yet"
+            os.close(fd)
+            msg = (
+                f"{self.path.parent}: in use by another training run ({holder}); wait for it to finish, stop it, or "
+                "give this run another ckpt_dir"
+            )
+            raise CheckpointDirError(msg) from None
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        # the file stays: unlinking a lock file lets a third process lock a new inode while a second holds the old
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class _SignalFlag:
+    """Records the first of ``PREEMPT_SIGNALS`` received while installed; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        self.signum = 0
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works in the main thread only; an engine run elsewhere keeps the defaults
+        for sig in PREEMPT_SIGNALS:
+            self._previous.setdefault(sig, signal.signal(sig, self._handle))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
 
 
 def _periodic_checkpoints(ckpt_dir: Path) -> list[tuple[tuple[int, int], Path]]:
@@ -371,7 +472,10 @@ class TrainingCheckpointer:
         self.logger = logging.getLogger(name)
         self._last_save = time.monotonic()
         self._start_iteration = 0
+        self._resumed_from: Path | None = None
         self._data: _EpochIterable | None = None
+        self._lock = _DirLock(self.ckpt_dir)
+        self._signals = _SignalFlag()
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
@@ -387,11 +491,35 @@ class TrainingCheckpointer:
         if self._name is None:
             self.logger = engine.logger
         engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self._timed_filter), self._save_periodic)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _take_lock(self) -> None:
+        """The folder's lock on rank 0; every rank learns the outcome, so all stop together when it is busy."""
+        error = ""
+        if idist.get_rank() == 0:
+            try:
+                self._lock.acquire()
+            except CheckpointDirError as e:
+                error = str(e)
+        if idist.get_world_size() > 1:
+            error = idist.broadcast(error, src=0)
+        if error:
+            raise CheckpointDirError(error)
+
+    def _release(self) -> None:
+        self._signals.restore()
+        self._lock.release()
+
+    def _failed(self, engine: Engine, e: BaseException) -> None:
+        self._release()
+        pass_on(engine, e)  # never swallow: ignite re-raises only when no EXCEPTION_RAISED handler exists
 
     def _started(self, engine: Engine) -> None:
+        self._take_lock()
+        self._signals.install()
         loader = engine.state.dataloader
         if isinstance(loader, _EpochIterable):
             loader = loader.loader
@@ -406,54 +534,80 @@ class TrainingCheckpointer:
                 )
         if idist.get_rank() == 0 and self.ckpt_dir.is_dir():
             for stale in self.ckpt_dir.glob(_TMP_GLOB):
-                self.logger.info(f"Removing {stale}, left by an interrupted checkpoint write")
+                self.logger.info(f"Removing {stale}, left by an interrupted write")
                 stale.unlink(missing_ok=True)
+        self._resumed_from = None
         if self.auto_resume:
             latest = find_latest_checkpoint(self.ckpt_dir) if idist.get_rank() == 0 else None
             if idist.get_world_size() > 1:
                 latest = idist.broadcast(str(latest or ""), src=0) or None
             if latest:
                 self.resume(engine, latest)
+                self._resumed_from = Path(latest)
             else:
                 self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
         self._start_iteration = engine.state.iteration
         self._last_save = time.monotonic()
 
-    def _time_due(self) -> bool:
-        """Whether the timed interval has passed, decided on rank 0 and shared by every rank."""
-        if not self.interval_s:
-            return False
-        due = idist.get_rank() == 0 and time.monotonic() - self._last_save >= self.interval_s
+    def _decisions(self) -> tuple[bool, int]:
+        """(timed checkpoint due, signal received), the same on every rank: the interval is measured on rank 0, a
+        signal on any rank counts. One all-reduce under DDP."""
+        due = bool(self.interval_s) and idist.get_rank() == 0 and time.monotonic() - self._last_save >= self.interval_s
+        signum = self._signals.signum
         if idist.get_world_size() > 1:
-            due = bool(idist.broadcast(int(due), src=0))
-        return due
+            flags = idist.all_reduce(torch.tensor([int(due), signum], dtype=torch.int64), op="MAX")
+            due, signum = bool(flags[0]), int(flags[1])
+        return due, signum
 
-    def _timed_filter(self, engine: Engine, event: int) -> bool:
+    def _preempted(self, engine: Engine, signum: int, path: Path | None) -> Preempted:
+        where = f" to {path}" if path is not None else ""
+        msg = (
+            f"{signal.Signals(signum).name} received: training stopped at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration} with its checkpoint saved{where}; run the same command again to resume"
+        )
+        self.logger.warning(msg)
+        return Preempted(signum, msg)
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        due, signum = self._decisions()
         # The last iteration of an epoch is left to EPOCH_COMPLETED, so its file holds the validation/LR state of
         # the finished epoch and resumes at the boundary.
         epoch_length = engine.state.epoch_length
         if epoch_length is not None and engine.state.iteration % epoch_length == 0:
-            return False
-        return self._time_due()
+            return
+        if due or signum:
+            path = self._save_periodic(engine)
+            if signum:
+                raise self._preempted(engine, signum, path)
 
     def _epoch_completed(self, engine: Engine) -> None:
+        due, signum = self._decisions()
         by_epoch = self.every_epochs > 0 and engine.state.epoch % self.every_epochs == 0
-        if by_epoch or self._time_due():
-            self._save_periodic(engine)
+        if by_epoch or due or signum:
+            path = self._save_periodic(engine)
+            if signum:
+                raise self._preempted(engine, signum, path)
 
     def _completed(self, engine: Engine) -> None:
         state = engine.state
         reached = state.max_epochs is not None and state.epoch >= state.max_epochs
         if state.epoch_length is not None:
             reached = reached and state.iteration >= state.epoch_length * state.max_epochs
-        if reached and state.iteration > self._start_iteration:
-            self.save(engine, FINAL_NAME)
+        # Nothing trained and resumed from the final file itself: it is current. Resumed from a periodic file at
+        # the end (a kill during the final validation or write): the final file is missing or older, write it.
+        current = state.iteration == self._start_iteration and self._resumed_from == self.ckpt_dir / FINAL_NAME
+        path = self.save(engine, FINAL_NAME) if reached and not current else None
+        _, signum = self._decisions()
+        self._release()
+        if signum:
+            raise self._preempted(engine, signum, path or self._resumed_from)
 
-    def _save_periodic(self, engine: Engine) -> None:
-        self.save(engine, checkpoint_name(engine.state.epoch, engine.state.iteration))
+    def _save_periodic(self, engine: Engine) -> Path | None:
+        path = self.save(engine, checkpoint_name(engine.state.epoch, engine.state.iteration))
         if idist.get_rank() == 0 and self.keep_last is not None:
             for _, old in _periodic_checkpoints(self.ckpt_dir)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+        return path
 
     def build_checkpoint(self, engine: Engine) -> dict[str, Any]:
         """The checkpoint content for this rank's view of ``engine`` (random states of this rank only).
@@ -523,7 +677,7 @@ class TrainingCheckpointer:
             path: a file written by :meth:`save`.
 
         Raises:
-            ValueError: the checkpoint is further than the new ``max_epochs``.
+            CheckpointDirError: the checkpoint is further than the new ``max_epochs`` (a ``ValueError``).
         """
         path = Path(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -534,10 +688,10 @@ class TrainingCheckpointer:
         needed = epochs_done + (1 if in_epoch else 0)
         if state.max_epochs is not None and needed > state.max_epochs:
             msg = (
-                f"Checkpoint {path} is at epoch {needed}, beyond max_epochs={state.max_epochs}: set max_epochs to at "
-                f"least {needed} to continue it, or use another ckpt_dir to start afresh"
+                f"{path}: this ckpt_dir holds a run at epoch {needed}, beyond epochs={state.max_epochs}: set epochs "
+                f"to at least {needed} to continue it, or give this run another ckpt_dir to start afresh"
             )
-            raise ValueError(msg)
+            raise CheckpointDirError(msg)
 
         _unwrap(self.network).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import MissingFileError, PipelineError
 from transforms.io import VolumeError, case_id, read_volume, read_volume_shape
 
 __all__ = [
     "DatasetError",
+    "MIN_VOLUME_SIZE",
     "VOLUME_SUFFIXES",
     "find_volume",
     "list_cases",
@@ -39,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
 LABEL_VALUES = (0, 1, 2)
+MIN_VOLUME_SIZE = 16  # voxels along every axis: below this a file is a slice or a crop artefact, not a volume
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """A dataset that cannot be trained or predicted on; the message names the file and the problem."""
 
 
@@ -91,7 +94,8 @@ def list_cases(dataset_dir: str | os.PathLike, split: str) -> list[dict[str, str
     for r in rows:
         img = find_volume(images, r["id"])
         if img is None:
-            msg = f"{images / (r['id'] + '.tif')}: image listed for case {r['id']} not found"
+            where = f"{csv_path}: case {r['id']} is listed but" if csv_path.is_file() else f"case {r['id']}:"
+            msg = f"{where} its image {images / (r['id'] + '.tif')} is not there"
             raise DatasetError(msg)
         cases.append({**r, "image": str(img)})
     return cases
@@ -171,19 +175,28 @@ def split_datalist(
     return train, val
 
 
-def _check_pair(case: dict) -> None:
-    img_shape = read_volume_shape(case["image"])
-    if len(img_shape) != 3:
-        msg = f"{case['image']}: expected a 3D volume, got shape {img_shape}"
+def _check_shape(path: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 3:
+        msg = f"{path}: expected a 3D volume, got shape {shape}"
         raise DatasetError(msg)
+    if min(shape) < MIN_VOLUME_SIZE:
+        msg = f"{path}: volume of shape {shape} is too small: at least {MIN_VOLUME_SIZE} voxels along every axis needed"
+        raise DatasetError(msg)
+
+
+def _check_pair(case: dict) -> None:
+    img_shape = read_volume_shape(case["image"])  # header only; a truncated image fails here (transforms.io)
+    _check_shape(case["image"], img_shape)
     label = read_volume(case["label"])
     if label.shape != img_shape:
         msg = f"{case['label']}: label shape {label.shape} differs from image shape {img_shape} ({case['image']})"
         raise DatasetError(msg)
     values = np.unique(label)
-    bad = [int(v) for v in values if v not in LABEL_VALUES]
+    bad = [v.item() for v in values if v not in LABEL_VALUES]
     if bad:
-        msg = f"{case['label']}: label values {bad} outside {{0, 1, 2}}"
+        shown = bad if len(bad) <= 8 else [*bad[:8], "..."]
+        kind = " (float labels: values must be the integers 0, 1, 2)" if label.dtype.kind == "f" else ""
+        msg = f"{case['label']}: label values {shown} outside {{0, 1, 2}}{kind}"
         raise DatasetError(msg)
 
 
@@ -195,7 +208,8 @@ def _run_checks(fn, cases: list[dict], workers: int) -> None:
 
 
 def check_train_datalist(cases: list[dict], workers: int = 4) -> None:
-    """Check every training pair before training starts: readable, 3D, same shapes, labels in {0, 1, 2}.
+    """Check every training pair before training starts: readable, not truncated, 3D, at least
+    ``MIN_VOLUME_SIZE`` along every axis, same shapes, labels in {0, 1, 2}.
 
     Raises:
         DatasetError: the first problem found, naming the file.
@@ -216,6 +230,7 @@ def check_test_datalist(cases: list[dict], workers: int = 4) -> None:
 
     def _check(case: dict) -> None:
         shape = read_volume_shape(case["image"])
+        _check_shape(case["image"], shape)
         decoded = read_volume(case["image"]).shape
         if decoded != shape:
             msg = f"{case['image']}: header says shape {shape} but {decoded} decodes (truncated file?)"
@@ -271,10 +286,10 @@ def require_file(path: str | os.PathLike, hint: str) -> Path:
     """``path`` if it is a file, else a clear error that says what to do (``hint``).
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        MissingFileError: the file does not exist (a ``FileNotFoundError``).
     """
     p = Path(path)
     if not p.is_file():
         msg = f"{p}: not found; {hint}"
-        raise FileNotFoundError(msg)
+        raise MissingFileError(msg)
     return p

@@ -73,9 +73,21 @@ def autocast_for(device: torch.device | str, dtype: torch.dtype | None) -> conte
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-class Trainer(SupervisedTrainer):
-    """``SupervisedTrainer`` with device-following autocast, a checkpointable ``GradScaler`` and ``no_sync``
-    gradient accumulation under DDP.
+class _ReRaise:
+    """Every exception of a run propagates. ignite 0.5.5 passes it to the ``EXCEPTION_RAISED`` handlers and
+    re-raises only when there are none: one clean-up handler that forgets to re-raise would end a failed run (disk
+    full, a bad batch, Ctrl-C) with exit code 0, and every later iteration would run and be checkpointed."""
+
+    reraises_exceptions = True  # see pipeline.errors.pass_on
+
+    def _handle_exception(self, e: BaseException) -> None:
+        super()._handle_exception(e)  # type: ignore[misc]
+        raise e
+
+
+class Trainer(_ReRaise, SupervisedTrainer):
+    """``SupervisedTrainer`` with device-following autocast, a checkpointable ``GradScaler``, ``no_sync``
+    gradient accumulation under DDP, and no exception swallowed by an ``EXCEPTION_RAISED`` handler.
 
     Args:
         args: as ``monai.engines.SupervisedTrainer`` (``amp`` is replaced by the two below).
@@ -144,8 +156,9 @@ class Trainer(SupervisedTrainer):
         return engine.state.output
 
 
-class Evaluator(SupervisedEvaluator):
-    """``SupervisedEvaluator`` whose autocast follows the device (bf16 on CPU, fp16 on CUDA).
+class Evaluator(_ReRaise, SupervisedEvaluator):
+    """``SupervisedEvaluator`` whose autocast follows the device (bf16 on CPU, fp16 on CUDA) and which swallows
+    no exception.
 
     ``SlidingWindowInferer`` stitches into a buffer of the input's dtype, so its predictions stay float32.
 

@@ -21,6 +21,8 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
+from pipeline.errors import pass_on
+
 try:
     import resource
 except ImportError:  # not on Windows: the peak RSS then falls back to the current RSS
@@ -179,7 +181,11 @@ class ProgressHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._close_bar)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._close_bar)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _failed(self, engine: Engine, e: BaseException) -> None:
+        self._close_bar(engine)
+        pass_on(engine, e)  # never swallow: ignite re-raises only when no EXCEPTION_RAISED handler exists
 
     def _started(self, engine: Engine) -> None:
         self._last_tick = time.perf_counter()

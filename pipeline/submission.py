@@ -19,6 +19,7 @@ import tifffile
 import torch
 from monai.utils import CommonKeys as Keys
 
+from pipeline.errors import PipelineError
 from transforms.io import case_id, read_volume_shape, write_volume
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ __all__ = ["SubmissionError", "check_submission", "write_submission_zip", "Submi
 logger = logging.getLogger(__name__)
 
 
-class SubmissionError(ValueError):
+class SubmissionError(PipelineError, ValueError):
     """A submission that would not score: missing or extra ids, wrong shape or dtype, unreadable member."""
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from pipeline.checkpoint import FINAL_NAME, atomic_save, checkpoint_name, find_latest_checkpoint
+from pipeline.checkpoint import FINAL_NAME, LOCK_NAME, atomic_save, checkpoint_name, find_latest_checkpoint
 from tests._ckpt_worker import build, read_record, resume_with_stalled_final_write, train_then_sigkill
 
 FORK = multiprocessing.get_context("fork")
@@ -29,7 +29,7 @@ def _max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def _names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,10 @@ def test_resume_at_epoch_boundary_is_exact(tmp_path: Path, reference, caplog: py
     # keep_last=2 counted the files of the first run; the final one is never removed and wins the tie
     assert _names(tmp_path) == [checkpoint_name(3, 9), checkpoint_name(4, 12), FINAL_NAME]
     assert find_latest_checkpoint(tmp_path) == tmp_path / FINAL_NAME
-    for path in tmp_path.iterdir():
+    for path in tmp_path.glob("*.pt"):
         assert torch.load(path, weights_only=True)["trainer"]["iteration"] in (9, 12)
 
-    with pytest.raises(ValueError, match="beyond max_epochs=3"):
+    with pytest.raises(ValueError, match="holds a run at epoch 4, beyond epochs=3"):
         build(tmp_path, seed=0, max_epochs=3).trainer.run()
 
 
@@ -135,7 +135,7 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
     child.join(10)
     assert child.exitcode == -signal.SIGKILL
 
-    leftovers = [p for p in tmp_path.iterdir() if p.name != FINAL_NAME]
+    leftovers = [p for p in tmp_path.iterdir() if p.name not in (FINAL_NAME, LOCK_NAME)]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".checkpoint_final.pt.")  # the partial temp file
     assert torch.load(tmp_path / FINAL_NAME, weights_only=True)["trainer"]["iteration"] == 3
     assert find_latest_checkpoint(tmp_path) == tmp_path / FINAL_NAME

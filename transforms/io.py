@@ -7,8 +7,12 @@ end: the array a reader returns, the patches the network sees and the masks writ
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +25,9 @@ from monai.utils import ensure_tuple
 
 __all__ = [
     "TIFF_SUFFIXES",
+    "MIN_FREE_MARGIN",
     "VolumeError",
+    "DiskError",
     "TiffReader",
     "atomic_write",
     "atomic_write_bytes",
@@ -32,37 +38,95 @@ __all__ = [
 ]
 
 TIFF_SUFFIXES = ("tif", "tiff")
+MIN_FREE_MARGIN = 1 << 20  # bytes left free beyond a write's expected size: the filesystem needs some for metadata
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+class DiskError(OSError):
+    """A write that cannot be done: disk full or not writable. The message names the path, and for a full disk the
+    bytes needed and free."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _disk_full(path: Path, needed: int) -> DiskError:
+    free = _free_bytes(path.parent)
+    msg = (
+        f"{path}: not enough disk space: about {needed} bytes needed, {free} bytes free on {path.parent}; free some "
+        "space or point the output (ckpt_dir, output_dir, pred_dir) at another disk"
+    )
+    return DiskError(errno.ENOSPC, msg)
+
+
+def _os_errno(exc: BaseException) -> int | None:
+    """The errno of the first ``OSError`` in ``exc``'s chain (torch wraps a failed write in a RuntimeError)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in seen):
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], size_hint: int | None = None) -> Path:
     """Write a file so that a reader never sees it half-written: ``write(f)`` fills a temporary file in the same
     folder, which is flushed, fsynced and renamed over ``path`` (atomic on one filesystem); the folder is fsynced
     so the rename survives a crash. On any error the temporary file is removed and ``path`` is left as it was.
 
+    A full disk or a folder that cannot be written raises :class:`DiskError` naming ``path`` (with the bytes needed
+    and free): before writing when ``size_hint`` says the file cannot fit, or when the write itself fails so.
+
     Args:
         path: destination; its folder is created if missing.
         write: called with the open binary temporary file.
+        size_hint: the expected size in bytes, when known (checked against the free space first).
 
     Returns:
         ``path``.
+
+    Raises:
+        DiskError: no space left, or no permission to write there.
 
     Example::
 
         atomic_write("model.pt", lambda f: torch.save(state, f))
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+    if size_hint is not None and _free_bytes(path.parent) < size_hint + MIN_FREE_MARGIN:
+        raise _disk_full(path, size_hint)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
+        # torch.save reports a full disk as "unexpected pos", with no OSError: a disk left without room tells
+        full = isinstance(e, Exception) and tmp is not None and _free_bytes(path.parent) < MIN_FREE_MARGIN
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        code = _os_errno(e)
+        if code in _DISK_ERRNOS or full:
+            raise _disk_full(path, max(size_hint or 0, written)) from e
+        if code in _ACCESS_ERRNOS:
+            msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
+            raise DiskError(code, msg) from e
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and fsynced
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -88,17 +152,70 @@ class VolumeError(ValueError):
     """A volume file that cannot be used: unreadable, not 3D, wrong dtype or values. The message names the file."""
 
 
+class _TiffWarnings(logging.Handler):
+    """Collects tifffile's warnings per thread: a truncated file is only *logged* as broken (invalid IFD offsets,
+    a series that fails to reshape) while tifffile reads the pages it still finds."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        records = getattr(self.local, "records", None)
+        if records is not None:
+            records.append(record.getMessage())
+
+
+_TIFF_WARNINGS = _TiffWarnings()
+logging.getLogger("tifffile").addHandler(_TIFF_WARNINGS)
+
+
+class _OpenTiff:
+    """``tifffile.TiffFile`` that raises :class:`VolumeError` for a truncated or damaged file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> tifffile.TiffFile:
+        try:
+            self.tif = tifffile.TiffFile(self.path)
+        except Exception as e:  # tifffile raises many types; the caller needs the file name, not the library's type
+            msg = f"{self.path}: cannot read TIFF ({type(e).__name__}: {e})"
+            raise VolumeError(msg) from e
+        _TIFF_WARNINGS.local.records = []
+        problem = None
+        try:
+            pages = list(self.tif.pages)
+            _ = self.tif.series
+            size = self.path.stat().st_size
+            ends = [o + c for p in pages for o, c in zip(p.dataoffsets, p.databytecounts, strict=False)]
+            if ends and max(ends) > size:
+                problem = f"pixel data run to byte {max(ends)}, the file has {size}"
+        except Exception as e:  # a valid header whose pages cannot be walked: the file was cut short or damaged
+            problem = f"{type(e).__name__}: {e}"
+        finally:
+            warnings, _TIFF_WARNINGS.local.records = _TIFF_WARNINGS.local.records, None
+        if problem or warnings:
+            self.tif.close()
+            msg = f"{self.path}: truncated or damaged TIFF ({problem or warnings[0]}); copy the file again"
+            raise VolumeError(msg)
+        return self.tif
+
+    def __exit__(self, *exc: object) -> None:
+        self.tif.close()
+
+
 def _read_tiff(path: Path) -> np.ndarray:
-    try:
-        with tifffile.TiffFile(path) as tif:
+    with _OpenTiff(path) as tif:
+        try:
             series = tif.series[0] if tif.series else None
             # One 3D series, or many 2D pages stored without series metadata: both are volumes.
             if series is not None and len(series.shape) >= 3:
                 return series.asarray()
             return tif.asarray(key=range(len(tif.pages))) if len(tif.pages) > 1 else tif.asarray()
-    except Exception as e:  # tifffile raises many types; the caller needs the file name, not the library's type
-        msg = f"{path}: cannot read TIFF ({type(e).__name__}: {e})"
-        raise VolumeError(msg) from e
+        except Exception as e:  # tifffile raises many types; the caller needs the file name, not the library's type
+            msg = f"{path}: cannot read TIFF ({type(e).__name__}: {e})"
+            raise VolumeError(msg) from e
 
 
 def _check_3d(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -158,13 +275,15 @@ def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
             import nibabel as nib
 
             return tuple(int(s) for s in nib.load(path).shape)
-        with tifffile.TiffFile(path) as tif:
+        with _OpenTiff(path) as tif:
             series = tif.series[0]
             if len(series.shape) >= 3:
                 return tuple(int(s) for s in series.shape)
             if len(tif.pages) == 1:
                 return tuple(int(s) for s in series.shape)
             return (len(tif.pages), *(int(s) for s in tif.pages[0].shape))
+    except VolumeError:
+        raise
     except Exception as e:
         msg = f"{path}: cannot read header ({type(e).__name__}: {e})"
         raise VolumeError(msg) from e
@@ -216,10 +335,22 @@ class TiffReader(ImageReader):
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         return is_supported_format(filename, TIFF_SUFFIXES)
 
-    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> list[tuple[Path, np.ndarray]]:
-        return [(Path(name), read_volume(name)) for name in ensure_tuple(data)]
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> list[tuple[Path, Any]]:
+        # A file error is returned, not raised: LoadImage catches what read() raises and silently tries its other
+        # readers (PIL reads one 2D page of a broken TIFF, and the failure surfaces later naming no file).
+        # get_data() runs outside that fallback and raises it, naming the file.
+        out: list[tuple[Path, Any]] = []
+        for name in ensure_tuple(data):
+            try:
+                out.append((Path(name), read_volume(name)))
+            except VolumeError as e:
+                out.append((Path(name), e))
+        return out
 
-    def get_data(self, img: list[tuple[Path, np.ndarray]]) -> tuple[np.ndarray, dict]:
+    def get_data(self, img: list[tuple[Path, Any]]) -> tuple[np.ndarray, dict]:
+        for _, arr in img:
+            if isinstance(arr, VolumeError):
+                raise arr
         arrays = [arr for _, arr in img]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
