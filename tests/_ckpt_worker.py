@@ -177,3 +177,52 @@ def resume_with_stalled_final_write(ckpt_dir: str, marker: str, max_epochs: int)
 
     torch.save = stalled_save
     build(ckpt_dir, seed=5, max_epochs=max_epochs, every_epochs=None).trainer.run()
+
+
+def train_then_signal(ckpt_dir: str, record_to: str, signal_at: int, signum: int) -> None:
+    """Train 4 epochs with no timed checkpoint; send ``signum`` to this process during iteration ``signal_at``
+    (from its forward pass). The run must save at the end of that iteration and exit 128 + signum."""
+    torch.set_num_threads(1)
+    setup = build(ckpt_dir, seed=0, max_epochs=4, interval_minutes=None, every_epochs=None, record_to=record_to)
+
+    @setup.trainer.on(Events.ITERATION_STARTED(once=signal_at))
+    def _signal(_: Any) -> None:
+        os.kill(os.getpid(), signum)
+
+    from pipeline.errors import Preempted
+
+    try:
+        setup.trainer.run()
+    except Preempted as e:
+        os._exit(e.exit_code)
+    os._exit(0)
+
+
+def train_then_kill_at_final_write(ckpt_dir: str, max_epochs: int) -> None:
+    """Train to ``max_epochs``; SIGKILL this process when the final checkpoint write begins (after the last
+    epoch's checkpoint): the late kill the next run must complete."""
+    import pipeline.checkpoint as ckpt
+
+    torch.set_num_threads(1)
+    real_save = ckpt.atomic_save
+
+    def killing_save(obj: Any, path: Any) -> Any:
+        if Path(path).name == ckpt.FINAL_NAME:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, path)
+
+    ckpt.atomic_save = killing_save
+    build(ckpt_dir, seed=0, max_epochs=max_epochs).trainer.run()
+
+
+def hold_lock(ckpt_dir: str, ready: str) -> None:
+    """Start a run on ``ckpt_dir`` and stay inside its first iteration (holding the folder's lock) until killed."""
+    torch.set_num_threads(1)
+    setup = build(ckpt_dir, seed=0, max_epochs=1)
+
+    @setup.trainer.on(Events.ITERATION_STARTED(once=1))
+    def _wait(_: Any) -> None:
+        Path(ready).touch()
+        time.sleep(120)
+
+    setup.trainer.run()

@@ -13,7 +13,15 @@ import torch
 from ignite.engine import Events
 
 from pipeline.checkpoint import FINAL_NAME, LOCK_NAME, atomic_save, checkpoint_name, find_latest_checkpoint
-from tests._ckpt_worker import build, read_record, resume_with_stalled_final_write, train_then_sigkill
+from tests._ckpt_worker import (
+    build,
+    hold_lock,
+    read_record,
+    resume_with_stalled_final_write,
+    train_then_kill_at_final_write,
+    train_then_sigkill,
+    train_then_signal,
+)
 
 FORK = multiprocessing.get_context("fork")
 
@@ -160,3 +168,81 @@ def test_changed_epoch_length(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert resumed.trainer.state.epoch_length == 4
     assert sorted(resumed.losses) == [9, 10, 11, 12]  # iteration counter rebased to 2 epochs * 4
     assert torch.load(tmp_path / FINAL_NAME, weights_only=True)["trainer"]["epoch_length"] == 4
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_at_iteration_boundary_and_resume_is_exact(tmp_path: Path, reference, signum: int) -> None:
+    ckpt_dir, record = tmp_path / "ckpt", tmp_path / "record.jsonl"
+    # the signal arrives during iteration 5 (2 of 3 into epoch 2); no timed or epoch checkpoints are configured
+    child = FORK.Process(target=train_then_signal, args=(str(ckpt_dir), str(record), 5, int(signum)))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 128 + signum
+    killed_losses, killed_lrs = read_record(record)
+    assert sorted(killed_losses) == [1, 2, 3, 4]  # the recorder runs after the checkpointer, which raised ...
+    assert _names(ckpt_dir) == [checkpoint_name(2, 5)]  # ... once the iteration in flight was saved: none lost
+
+    resumed = build(ckpt_dir, seed=123, max_epochs=4, every_epochs=None)
+    resumed.trainer.run()
+    assert sorted(resumed.losses) == list(range(6, 13))
+    expected = {it: loss for it, loss in reference.losses.items() if it != 5}
+    assert killed_losses | resumed.losses == expected
+    assert killed_lrs | resumed.lrs == {it: lr for it, lr in reference.lrs.items() if it != 5}
+    assert _max_weight_diff(resumed.network, reference.network) == 0.0
+
+
+def test_kill_at_final_write_is_completed_by_the_next_run(tmp_path: Path) -> None:
+    child = FORK.Process(target=train_then_kill_at_final_write, args=(str(tmp_path), 2))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert FINAL_NAME not in _names(tmp_path) and checkpoint_name(2, 6) in _names(tmp_path)
+    again = build(tmp_path, seed=0, max_epochs=2)
+    again.trainer.run()
+    assert again.losses == {}  # nothing left to train ...
+    assert torch.load(tmp_path / FINAL_NAME, weights_only=True)["trainer"]["iteration"] == 6  # ... but it finishes
+    mtime = (tmp_path / FINAL_NAME).stat().st_mtime_ns
+    build(tmp_path, seed=0, max_epochs=2).trainer.run()
+    assert (tmp_path / FINAL_NAME).stat().st_mtime_ns == mtime  # current already: not rewritten
+
+
+def test_second_run_on_a_folder_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    from pipeline.errors import CheckpointDirError
+
+    ready = tmp_path / "ready"
+    child = FORK.Process(target=hold_lock, args=(str(tmp_path / "ckpt"), str(ready)))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(CheckpointDirError, match=rf"in use by another training run \(host .*, pid {child.pid}, started "):
+            build(tmp_path / "ckpt", seed=0, max_epochs=1).trainer.run()
+    finally:
+        child.kill()
+        child.join(10)
+    build(tmp_path / "ckpt", seed=0, max_epochs=1).trainer.run()  # the OS released the killed holder's lock
+    assert FINAL_NAME in _names(tmp_path / "ckpt")
+
+
+def test_failed_iteration_is_never_checkpointed(tmp_path: Path) -> None:
+    """A failure in the loss, with a clean-up handler on EXCEPTION_RAISED (which made ignite swallow it), ends the
+    run with the exception; no checkpoint is written after the failed iteration; the lock is released."""
+    from pipeline.monitor import ProgressHandler
+
+    setup = build(tmp_path, seed=0, max_epochs=3, interval_minutes=1e-9)
+    ProgressHandler(mode="log").attach(setup.trainer)
+    real_loss = setup.trainer.loss_function
+
+    def failing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if setup.trainer.state.iteration == 5:
+            msg = "Sizes of tensors must match"
+            raise RuntimeError(msg)
+        return real_loss(pred, target)
+
+    setup.trainer.loss_function = failing_loss
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        setup.trainer.run()
+    assert find_latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(2, 4)  # iteration 5 failed: not saved
+    assert FINAL_NAME not in _names(tmp_path)
+    build(tmp_path, seed=0, max_epochs=2).trainer.run()  # not locked out by the failed run
