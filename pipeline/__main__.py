@@ -124,8 +124,15 @@ def run_main_job(argv: list[str]) -> int:
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if not args.skip_training and not _training_complete(train_overrides):
         rc = _train(train_overrides, args)
-        if rc != 0:
+        if rc != 0:  # DDP: the failing rank printed its error above; nothing downstream runs on a failed training
+            logs = Path(args.output_dir) / "logs"
+            what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
+            print(f"error: training {what} (exit code {rc}; rank logs in {logs}): not predicting", file=sys.stderr)
             return rc
+    model = Path(overrides.get("model_path", Path(args.ckpt_dir) / "model.pt"))
+    if model.is_file():
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
+        print(f"predicting with {model} (saved {saved})", flush=True)
     _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
     out = Path(args.output_dir)
     print(
@@ -133,7 +140,7 @@ def run_main_job(argv: list[str]) -> int:
             [
                 f"done in {time.monotonic() - start:.0f} s",
                 f"  dataset:     {root}",
-                f"  model:       {Path(args.ckpt_dir) / 'model.pt'}",
+                f"  model:       {model}",
                 f"  checkpoints: {args.ckpt_dir}",
                 f"  submission:  {out / 'submission.zip'}",
                 f"  predictions: {out / 'predictions'}",
@@ -205,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return tune_main(rest)
     if command == "run":
-        return run_main_job(rest)
+        from pipeline.errors import run_reporting_errors
+
+        return run_reporting_errors(run_main_job, rest)  # any failure: one `error:` line last, non-zero exit
     print(f"error: unknown command {command!r}; use run, synth, score or tune", file=sys.stderr)
     return 2
 

@@ -146,7 +146,9 @@ def one_line(exc: BaseException) -> tuple[str, int, bool]:
         return (f"error: {exc.code}" if isinstance(exc.code, str) else ""), code, True
     user = find_user_error(exc)
     if user is None:
-        return f"error: {type(exc).__name__}: {exc} (unexpected; the traceback above shows where)", 1, False
+        root = _chain(exc)[-1]  # the original failure, under MONAI's "Failed to evaluate ConfigExpression" wrappers
+        text = (str(root).strip().splitlines() or [""])[0]
+        return f"error: {type(root).__name__}: {text} (unexpected; the traceback above shows where)", 1, False
     if isinstance(user, OSError) and not _is_user_error(user):
         return f"error: {_os_line(user)}", 1, True
     return f"error: {user}", int(getattr(user, "exit_code", 2)), True

@@ -8,7 +8,7 @@ several nodes, it starts ``python -m torch.distributed.run`` (torchrun) on the b
 - Several nodes: run ``launch`` on every node with the same ``nnodes`` and ``rdzv_endpoint`` (``host:port`` of a
   machine all nodes reach; node 0 hosts it) and its own ``node_rank``; the c10d rendezvous waits for all of them.
 - A failure on any rank (exception, kill, out of memory) makes torchrun stop every worker of the job and return
-  non-zero; a rank stuck in a collective raises after the config's ``dist_timeout_minutes``. With
+  non-zero; SIGTERM/SIGUSR1/SIGINT sent to the launcher are passed to torchrun, whose workers checkpoint and stop; a rank stuck in a collective raises after the config's ``dist_timeout_minutes``. With
   ``max_restarts`` > 0 torchrun restarts the whole group instead, and training resumes from its newest checkpoint.
 
 Run from the repository root (the configs name their files from there).
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,4 +154,28 @@ def launch(
         # torchrun would pin every process to one thread; share the cores instead
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logger.info("launching %d process(es) on node %d of %d: %s", nproc, node_rank, nnodes, " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=False).returncode
+    return _run_forwarding_signals(cmd, env)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun, passing on SIGTERM/SIGUSR1/SIGINT (the workers then checkpoint and stop, see
+    ``pipeline.checkpoint``) instead of dying and leaving it orphaned. Returns 128 + the signal number after a
+    signal, else torchrun's exit code."""
+    from pipeline.checkpoint import PREEMPT_SIGNALS
+
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return proc.wait()
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPT_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received and rc != 0 else rc

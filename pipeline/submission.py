@@ -105,6 +105,9 @@ class SubmissionWriter:
     """Ignite handler for the inference evaluator: writes each prediction as ``<pred_dir>/<id>.tif`` (uint8,
     the input's shape) as it is made, and ``submission.zip`` when the run completes.
 
+    When the run starts, the ``submission.zip`` of an earlier run is removed (a failed run must not leave an older
+    zip that looks current) with the temporary files a killed run left in ``pred_dir`` and beside the zip.
+
     Args:
         pred_dir: folder for the per-volume masks.
         zip_path: the submission zip; None writes the masks only.
@@ -132,8 +135,19 @@ class SubmissionWriter:
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self.remove_stale)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_batch)
         engine.add_event_handler(Events.COMPLETED, self.write_zip)
+
+    def remove_stale(self, engine: Engine | None = None) -> None:
+        """Remove an earlier run's zip and the temporary files of interrupted writes."""
+        stale = list(self.pred_dir.glob(".*.tmp")) if self.pred_dir.is_dir() else []
+        if self.zip_path is not None:
+            stale += [self.zip_path, *self.zip_path.parent.glob(f".{self.zip_path.name}*.tmp")]
+        for path in stale:
+            if path.is_file():
+                logger.info("removing %s, left by an earlier run", path)
+                path.unlink(missing_ok=True)
 
     def write_batch(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]

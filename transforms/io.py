@@ -47,6 +47,8 @@ class DiskError(OSError):
     """A write that cannot be done: disk full or not writable. The message names the path, and for a full disk the
     bytes needed and free."""
 
+    exit_code = 1  # the environment failed, not the input (pipeline.errors: bad input exits 2)
+
     def __str__(self) -> str:
         return str(self.strerror)
 
