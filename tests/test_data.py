@@ -137,3 +137,59 @@ def test_main_job_reports_bad_input_in_one_line(dataset, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "image has no label" in err[0]
     assert not (dataset / "out").exists()  # stopped before training started
+
+
+def test_float_labels_name_the_float_values(dataset):
+    from tests._bad_inputs import CASES
+
+    CASES["float labels 0.5/1.5/2.5"](dataset)
+    with pytest.raises(DatasetError, match=r"label values \[0.5, 1.5, 2.5\] outside \{0, 1, 2\} \(float labels"):
+        prepare_datalists(dataset)
+
+
+def test_volume_below_minimum_size_is_refused(dataset):
+    from tests._bad_inputs import CASES
+
+    CASES["2x3x3 volume"](dataset)
+    with pytest.raises(DatasetError, match=r"shape \(2, 3, 3\) is too small: at least 16 voxels along every axis"):
+        prepare_datalists(dataset)
+
+
+def test_truncated_image_is_called_truncated(dataset):
+    img = _first(dataset, "train_images")
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=rf"{img.name}: truncated or damaged TIFF"):
+        prepare_datalists(dataset)
+
+
+def test_listed_id_without_file_names_the_csv(dataset):
+    with open(dataset / "train.csv", "a") as f:
+        f.write("9999,1\n")
+    with pytest.raises(DatasetError, match=r"train\.csv: case 9999 is listed but its image .*9999\.tif is not there"):
+        prepare_datalists(dataset)
+
+
+def test_load_image_never_falls_back_to_another_reader(dataset):
+    """MONAI's LoadImage tries its other readers when the given one raises; PIL then reads one 2D page."""
+    from monai.transforms import LoadImaged
+
+    from transforms.io import TiffReader, VolumeError
+
+    img = _first(dataset, "test_images")
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeError, match=rf"{img.name}: truncated or damaged TIFF"):
+        LoadImaged("image", reader=TiffReader())({"image": str(img)})
+
+
+def test_impossible_settings_are_refused(tiny_dataset):
+    from pipeline.errors import SettingsError
+    from pipeline.settings import check_training_settings
+
+    cases = train_datalist(tiny_dataset)
+    check_training_settings([32, 32, 32], [2, 2], cases)
+    with pytest.raises(SettingsError, match=r"patch_size \[60, 60, 60\]: every size must be a multiple of 8.*\[56, 56, 56\]"):
+        check_training_settings([60, 60, 60], [2, 2, 2], cases)
+    with pytest.raises(SettingsError, match=r"larger than every training volume along axis \[0\]"):
+        check_training_settings([64, 32, 32], [2, 2], cases)

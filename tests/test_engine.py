@@ -82,3 +82,21 @@ def test_masked_loss_ignores_label_2():
     other = logits.detach().clone()
     other[:, :, :3] = 50.0
     assert torch.allclose(loss(other, label), value.detach())
+
+
+def test_exceptions_propagate_past_handlers_that_swallow_them():
+    """A clean-up handler on EXCEPTION_RAISED that does not re-raise made ignite end a failed run quietly."""
+    from ignite.engine import Events
+
+    net = DtypeRecorder()
+
+    def failing_loss(pred, label):
+        raise RuntimeError("Sizes of tensors must match")
+
+    trainer = Trainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=_loader(), network=net,
+                      optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=failing_loss, amp=False)
+    cleaned = []
+    trainer.add_event_handler(Events.EXCEPTION_RAISED, lambda engine, e: cleaned.append(e))
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        trainer.run()
+    assert len(cleaned) == 1 and trainer.state.iteration == 1  # the handler ran; no later iteration did

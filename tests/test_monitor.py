@@ -265,3 +265,18 @@ def test_memory_reported_on_cuda(caplog: pytest.LogCaptureFixture) -> None:
     assert figures["cuda_reserved_mib"] >= figures["cuda_allocated_mib"]
     assert "rss_mib" not in figures
     assert "CUDA alloc" in caplog.text
+
+
+def test_progress_handler_never_swallows_an_exception():
+    """ignite re-raises only when no EXCEPTION_RAISED handler exists; the bar's clean-up handler is one."""
+    from ignite.engine import Engine
+
+    from pipeline.monitor import ProgressHandler
+
+    def step(engine, batch):
+        raise RuntimeError("boom")
+
+    engine = Engine(step)
+    ProgressHandler(mode="log").attach(engine)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.run([1, 2], max_epochs=1)

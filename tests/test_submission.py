@@ -63,3 +63,16 @@ def test_check_rejects_corrupt_zip(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SubmissionError, match="not a readable zip"):
         check_submission(bad, SHAPES)
+
+
+def test_earlier_runs_zip_and_temp_files_are_removed_at_start(tmp_path):
+    from pipeline.submission import SubmissionWriter
+
+    pred, zip_path = tmp_path / "predictions", tmp_path / "submission.zip"
+    pred.mkdir()
+    (pred / ".1.tif.abc.tmp").write_bytes(b"partial")
+    (pred / "1.tif").write_bytes(b"kept")  # overwritten by this run's prediction
+    zip_path.write_bytes(b"old zip")
+    (tmp_path / ".submission.zip.tmp").write_bytes(b"partial")
+    SubmissionWriter(pred, zip_path, []).remove_stale()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["1.tif", "predictions"]
