@@ -6,6 +6,8 @@ monai.bundle run training|inference`` and prints a table of exit codes and last 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -129,29 +131,62 @@ def main_job(ds: Path, root: Path, *extra: str) -> list[str]:
 
 
 def bundle(run_id: str, ds: Path, root: Path, *extra: str, model_dir: Path | None = None) -> list[str]:
-    configs = {"training": "train.yaml", "inference": "inference.yaml"}
-    tiny = {**TINY_TRAIN, **QUIET_TRAIN} if run_id == "training" else {**TINY_INFER, "overlays": False}
+    configs = {"training": "train.yaml", "inference": "inference.yaml", "evaluating": "evaluate.yaml"}
+    tiny = {**TINY_TRAIN, **QUIET_TRAIN} if run_id != "inference" else {**TINY_INFER, "overlays": False}
     overrides = {**tiny, "dataset_dir": str(ds),
                  "output_dir": str(root / "out"), "ckpt_dir": str(model_dir or root / "models")}
-    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(CONFIGS / configs[run_id]),
-            *cli_args(overrides), *extra]
+    config = str(CONFIGS / configs[run_id])
+    if run_id == "evaluating":  # a mixin over train.yaml
+        config = repr([str(CONFIGS / "train.yaml"), config])
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *cli_args(overrides), *extra]
+
+
+TEST_CASES = {"missing dataset folder", "empty test folder", "unreadable test image", "truncated test image",
+              "2D test image"}  # what the bundle's inference reads; the others break what training reads
+
+
+def _in_process(args: list[str], capture: io.StringIO) -> tuple[int, str]:
+    """Run ``python -m pipeline ARGS`` or ``python -m monai.bundle ARGS`` in this process (a process start costs
+    more than the check itself): the exit code and last line the command prints. The bundle's is what
+    ``pipeline.errors.excepthook`` prints, i.e. ``one_line`` of the exception."""
+    from pipeline.__main__ import main
+    from pipeline.errors import one_line
+
+    with contextlib.redirect_stderr(capture):
+        if args[1:3] == ["-m", "pipeline"]:
+            rc = main(args[3:])
+            lines = [line for line in capture.getvalue().splitlines() if line.strip()]
+            return rc, lines[-1] if lines else ""
+        import fire
+        from monai.bundle import scripts
+
+        try:
+            fire.Fire(scripts.run, command=args[4:])
+        except BaseException as e:  # noqa: BLE001 - what the interpreter would hand to the excepthook
+            line, code, _ = one_line(e)
+            return code, line
+    return 0, ""
 
 
 def _sweep(good: Path, model_dir: Path, work: Path) -> None:
-    print("| dataset | python -m pipeline | bundle training | bundle inference (--check_data False) |")
+    print("| dataset | python -m pipeline | bundle training (evaluating) | bundle inference (--check_data False) |")
     print("| --- | --- | --- | --- |")
     for i, name in enumerate(CASES):
         where = work / f"case{i}"
         where.mkdir(parents=True)
         ds = broken_copy(good, name, where)
-        cells = []
-        for cmd in (
-            main_job(ds, where / "main"),
-            bundle("training", ds, where / "bundle"),
-            bundle("inference", ds, where / "infer", "--check_data", "False", model_dir=model_dir),
-        ):
-            rc, last, _ = run_cli(cmd)
-            cells.append(f"{rc}: `{last}`")
+        main = _in_process(main_job(ds, where / "main"), io.StringIO())
+        cells = [f"{main[0]}: `{main[1]}`", "n/a (reads training data only)", "n/a (reads test images only)"]
+        if name not in TEST_CASES or name == "missing dataset folder":
+            train = _in_process(bundle("training", ds, where / "bundle"), io.StringIO())
+            evaluate = _in_process(bundle("evaluating", ds, where / "eval", model_dir=model_dir), io.StringIO())
+            same = "evaluating: same" if evaluate == train else f"evaluating: {evaluate[0]}: `{evaluate[1]}`"
+            cells[1] = f"{train[0]}: `{train[1]}` ({same})"
+        if name in TEST_CASES:
+            infer = _in_process(
+                bundle("inference", ds, where / "infer", "--check_data", "False", model_dir=model_dir), io.StringIO()
+            )
+            cells[2] = f"{infer[0]}: `{infer[1]}`"
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -170,7 +170,7 @@ def test_changed_epoch_length(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     assert torch.load(tmp_path / FINAL_NAME, weights_only=True)["trainer"]["epoch_length"] == 4
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_saves_at_iteration_boundary_and_resume_is_exact(tmp_path: Path, reference, signum: int) -> None:
     ckpt_dir, record = tmp_path / "ckpt", tmp_path / "record.jsonl"
     # the signal arrives during iteration 5 (2 of 3 into epoch 2); no timed or epoch checkpoints are configured
