@@ -141,9 +141,10 @@ def one_line(exc: BaseException) -> tuple[str, int, bool]:
     """
     if isinstance(exc, KeyboardInterrupt):
         return "error: interrupted (SIGINT) before a checkpoint could be written", 128 + signal.SIGINT, True
-    if isinstance(exc, SystemExit):
-        code = exc.code if isinstance(exc.code, int) else 1
-        return (f"error: {exc.code}" if isinstance(exc.code, str) else ""), code, True
+    if isinstance(exc, SystemExit):  # argparse (message printed already) or sys.exit("error: ...") on bad usage
+        if isinstance(exc.code, str):
+            return (exc.code if exc.code.startswith("error") else f"error: {exc.code}"), 2, True
+        return "", 0 if exc.code is None else int(exc.code), True
     user = find_user_error(exc)
     if user is None:
         root = _chain(exc)[-1]  # the original failure, under MONAI's "Failed to evaluate ConfigExpression" wrappers

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from pipeline.checkpoint import find_latest_checkpoint
 from pipeline.data import DatasetError
-from pipeline.errors import CheckpointDirError, Preempted, one_line
+from pipeline.errors import Preempted, one_line
 from tests._bad_inputs import broken_copy, bundle, main_job, run_cli
 from transforms.io import DiskError, atomic_write
 
