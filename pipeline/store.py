@@ -331,11 +331,12 @@ def build_store(
     unique = list({e.stem: e for es in entries.values() for e in es}.values())
     todo = [e for e in unique if e.problem() is not None]
     mine = _local_share(todo)
+    built = 0
     if mine:
         _check_space(cache_dir, mine)
         n_workers = workers or max(1, min(4, len(os.sched_getaffinity(0))))
         logger.info("volume store %s: building %d of %d volumes with %d threads", cache_dir, len(mine), len(unique), n_workers)
-        start, done, built, last_log = time.monotonic(), 0, 0, 0.0
+        start, done, last_log = time.monotonic(), 0, 0.0
         bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -365,11 +366,14 @@ def build_store(
     for name, es in entries.items():
         for e in es:
             problem = e.problem()
+            if problem == "not built":
+                msg = f"{e.meta_path}: missing after the build (another rank failed, or something removed it)"
+                raise StoreError(msg)
             if problem is not None:
-                msg = f"volume store entry {problem} after the build (another process removing {cache_dir}?)"
+                msg = f"{problem} after the build (another process writing to {cache_dir}?)"
                 raise StoreError(msg)
         items[name] = [e.item() for e in es]
-    logger.info("volume store %s: %d volumes ready (%d built here)", cache_dir, len(unique), len(mine))
+    logger.info("volume store %s: %d volumes ready (%d built by this process)", cache_dir, len(unique), built)
     return items
 
 
