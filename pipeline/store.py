@@ -286,11 +286,11 @@ def _check_space(cache_dir: Path, todo: list[_Entry]) -> None:
         raise StoreError(msg)
 
 
-def _local_share(todo: list[_Entry]) -> list[_Entry]:
-    """This rank's share of the entries to build: the ranks of one machine split them (torchrun's LOCAL_*)."""
+def _local_share(entries: list[_Entry]) -> list[_Entry]:
+    """This rank's share of the entries: the ranks of one machine split them (torchrun's LOCAL_*)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return todo[local_rank::local_world]
+    return entries[local_rank::local_world]
 
 
 def _progress(done: int, total: int, built: int, start: float) -> None:
@@ -329,8 +329,8 @@ def build_store(
     _check_writable(cache_dir)
     entries = {name: [_Entry(cache_dir, c) for c in cases] for name, cases in datalists.items()}
     unique = list({e.stem: e for es in entries.values() for e in es}.values())
-    todo = [e for e in unique if e.problem() is not None]
-    mine = _local_share(todo)
+    # split the full list, not the missing entries: a rank that starts late must not see a shifted share
+    mine = [e for e in _local_share(unique) if e.problem() is not None]
     built = 0
     if mine:
         _check_space(cache_dir, mine)
