@@ -48,6 +48,8 @@ class StepTimer:
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU time: steadier than wall time on a shared machine
+        self.data: list[float] = []  # seconds waiting for each batch
         self.started = 0.0
 
     def attach(self, engine) -> None:
@@ -55,6 +57,9 @@ class StepTimer:
 
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.times.append(time.time()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.cpu.append(time.process_time()))
+        engine.add_event_handler(Events.GET_BATCH_STARTED, lambda e: self.data.append(-time.perf_counter()))
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, lambda e: self.data.__setitem__(-1, self.data[-1] + time.perf_counter()))
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _started(self, engine) -> None:
@@ -65,7 +70,7 @@ class StepTimer:
         rank = int(os.environ.get("RANK", 0))
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"timer_rank{rank}.json").write_text(json.dumps({
-            "process_start": float(os.environ["BENCH_T0"]), "started": self.started, "iterations": self.times,
+            "process_start": float(os.environ["BENCH_T0"]), "started": self.started, "iterations": self.times, "cpu": self.cpu, "data": self.data,
             "peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024, "rss_anon_mib": int(status["RssAnon"].split()[0]) / 1024,
         }))
 
@@ -87,8 +92,9 @@ def dataset_bytes(data: Path) -> int:
     return sum(2 * int(__import__("numpy").prod(read_volume_shape(c["image"]))) for c in train_datalist(data))
 
 
-def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> tuple[float, float]:
-    """Patches/s of one core: before (previous train.yaml's CacheDataset chain) and after (the store chain)."""
+def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tuple[float, float]]:
+    """Patches per CPU-second and per wall second of one thread: before (the previous train.yaml's CacheDataset
+    chain) and after (the store chain)."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -112,13 +118,13 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> tuple[f
             parser.get_parsed_content("imports")
             ds = parser.get_parsed_content("train#dataset")
             ds[0], ds[1]  # warm: page cache, first-call set-up
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n = 0
             for i in range(visits):
                 n += len(ds[i % 2])
-            rates.append(n / (time.perf_counter() - t0))
+            rates.append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
             del ds, parser
-    return rates[0], rates[1]
+    return rates
 
 
 def _cgroup(cap_bytes: int | None) -> Path:
@@ -188,9 +194,12 @@ def train_run(name: str, data: Path, work: Path, cap_bytes: int | None, iteratio
     timers = [json.loads((out / f"timer_rank{r}.json").read_text()) for r in range(nproc)]
     its = timers[0]["iterations"]
     steps = [b - a for a, b in zip(its, its[1:])][2:]  # steady state: without the first iterations
+    cpu = [b - a for a, b in zip(timers[0]["cpu"], timers[0]["cpu"][1:])][2:]
     result.update({
         "startup_s": timers[0]["started"] - timers[0]["process_start"], "iterations": len(its),
         "s_per_it": statistics.median(steps) if steps else float("nan"),
+        "cpu_s_per_it": statistics.median(cpu) if cpu else float("nan"),
+        "data_s_per_it": statistics.median(timers[0]["data"][3:]) if len(timers[0]["data"]) > 3 else float("nan"),
         "peak_rss_mib": sum(t["peak_rss_mib"] for t in timers), "rss_anon_mib": sum(t["rss_anon_mib"] for t in timers),
     })
     return result
@@ -238,7 +247,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     generate(data, args.n)
     size = dataset_bytes(data)
-    print(f"dataset: {args.n} volumes, {size / 2**30:.2f} GiB of uint8 images + labels", flush=True)
+    print(f"dataset {data}: {len(list((data / 'train_images').iterdir()))} volumes, {size / 2**30:.2f} GiB of uint8 images + labels", flush=True)
 
     results = []
     if "train" not in skip:
@@ -265,12 +274,16 @@ def main() -> int:
             print(f"second start-up / first (store build): {ok['second_run_mmap']['startup_s'] / ok['first_run_default']['startup_s']:.3f}")
         ram = next((r for r in ok.values() if r["mode"] == "in RAM"), None)
         if "second_run_mmap" in ok and ram is not None:
-            print(f"memory-mapped step / in-RAM step ({ram['name']}): {ok['second_run_mmap']['s_per_it'] / ram['s_per_it']:.3f}")
+            m = ok["second_run_mmap"]
+            print(f"memory-mapped step / in-RAM step ({ram['name']}): wall {m['s_per_it'] / ram['s_per_it']:.3f}, "
+                  f"process CPU time {m['cpu_s_per_it'] / ram['cpu_s_per_it']:.3f}; data wait per step "
+                  f"{m['data_s_per_it'] * 1000:.0f} ms vs {ram['data_s_per_it'] * 1000:.0f} ms")
     if "loader" not in skip:
-        print("\n== loader, one core, patches/s from 320^3 volumes (num_samples=2 per visit)")
+        print("\n== loader, one thread, patches from 320^3 volumes (num_samples=2 per visit)")
         for patch in (64, 128):
-            before, after = loader_rate(data, work / "store", patch, args.visits)
-            print(f"{patch}^3: before (CacheDataset) {before:.1f} patches/s, after (store, mmap) {after:.1f} patches/s, x{after / before:.1f}", flush=True)
+            (before, before_wall), (after, after_wall) = loader_rate(data, work / "store", patch, args.visits)
+            print(f"{patch}^3: before (CacheDataset) {before:.1f} patches per CPU-second, after (store, mmap) {after:.1f}, "
+                  f"x{after / before:.1f} (wall clock on this shared machine: {before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
     if "val" not in skip:
         step = next((r["s_per_it"] for r in results if r.get("name") == "second_run_mmap" and r["rc"] == 0), None)
         if step is not None:
