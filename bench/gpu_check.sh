@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of DDP training: torchrun --nproc_per_node=1 (nccl) on train.yaml + multi_gpu_train.yaml, 2 epochs of a
+# GPU check of DDP training, then of the data path at real scale (see the end): torchrun --nproc_per_node=1 (nccl) on train.yaml + multi_gpu_train.yaml, 2 epochs of a
 # small synthetic dataset (16 volumes of ~70^3: 8 train, 8 validation; 16 patches of 64^3 per step) with AMP fp16 +
 # GradScaler; prints training throughput and peak GPU memory. About 2-4 min, most of it start-up.
 #
@@ -63,4 +63,41 @@ test -s "$WORK/models/model.pt" || { echo "FAIL: no model.pt written" >&2; exit 
 echo "== result"
 grep "GPU_CHECK" "$WORK/train.log"
 grep "throughput" "$WORK/train.log" | tail -1 || true
+
+# Data wait at real scale: 8 volumes of 320^3, one GPU, 2 epochs of 16 patches per step, 4 loader workers.
+# before: the previous train.yaml (CacheDataset + augmentation in the loader; from git, when the history is here);
+# store-cpu: volume store, augmentation in the loader; store-gpu: the default (volume store, augmentation on the GPU).
+echo "== data wait, 1 GPU, 320^3 volumes"
+"$PY" - "$WORK/scale" <<'EOF2'
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+import numpy as np
+from pipeline.synth import make_volume
+from transforms.io import write_volume
+out = Path(sys.argv[1])
+def one(i):
+    image, label = make_volume((320, 320, 320), 1000 + i, 1 + i % 2)
+    write_volume(out / "train_images" / f"{100 + i}.tif", image)
+    write_volume(out / "train_labels" / f"{100 + i}.tif", label)
+    return f"{100 + i},{1 + i % 2}"
+with ProcessPoolExecutor(8) as pool:
+    rows = list(pool.map(one, range(8)))
+(out / "train.csv").write_text("id,scroll_id\n" + "\n".join(rows) + "\n")
+EOF2
+if git show 3acf90e:bundle/configs/train.yaml > "$WORK/train_before.yaml" 2>/dev/null; then VARIANTS="before store-cpu store-gpu"; else
+    echo "before: not measured (no git history in this copy)"; VARIANTS="store-cpu store-gpu"; fi
+for PATCH in 64 128; do
+    for V in $VARIANTS; do
+        CFG="bundle/configs/train.yaml"; EXTRA=(--cache_dir "'$WORK/store'")
+        [ "$V" = before ] && { CFG="$WORK/train_before.yaml"; EXTRA=(); }
+        [ "$V" = store-cpu ] && EXTRA+=(--augment_on_device False)
+        timeout 900 "$PY" -m monai.bundle run training --config_file "$CFG" --dataset_dir "'$WORK/scale'" \
+            --output_dir "'$WORK/out_$V$PATCH'" --ckpt_dir "'$WORK/models_$V$PATCH'" --epochs 2 --val_interval 100 \
+            --patch_size "[$PATCH,$PATCH,$PATCH]" --batch_size 2 --num_samples 8 --num_workers 4 --val_score False \
+            --training_curves False --tensorboard_preview False "${EXTRA[@]}" > "$WORK/scale_$V$PATCH.log" 2>&1 \
+            || { tail -30 "$WORK/scale_$V$PATCH.log"; echo "FAIL: $V at $PATCH^3" >&2; exit 1; }
+        echo "DATA_WAIT $V ${PATCH}^3: $(grep 'Epoch 2 throughput' "$WORK/scale_$V$PATCH.log" | sed 's/.*throughput: //')"
+    done
+done
 echo "GPU CHECK PASSED"

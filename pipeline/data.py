@@ -35,6 +35,7 @@ __all__ = [
     "prepare_datalists",
     "resolve_dataset_dir",
     "require_file",
+    "validation_subset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,3 +294,25 @@ def require_file(path: str | os.PathLike, hint: str) -> Path:
         msg = f"{p}: not found; {hint}"
         raise MissingFileError(msg)
     return p
+
+
+def validation_subset(cases: list[dict], max_cases: int | None) -> list[dict]:
+    """At most ``max_cases`` validation cases, evenly spaced over the list (the same ones every run), logged.
+
+    Full sliding-window validation of every case every few epochs dominates training time at real scale (160
+    volumes of 320^3); a fixed subset keeps the validation curve comparable between epochs. The evaluation
+    command (``evaluate.yaml``) scores every case.
+
+    Args:
+        cases: the validation datalist.
+        max_cases: the largest subset; None (or at least ``len(cases)``) keeps every case.
+    """
+    if max_cases in (None, "None", "null") or int(max_cases) >= len(cases):
+        return list(cases)
+    if int(max_cases) < 1:
+        msg = f"val_max_cases={max_cases}: use at least 1, or null for every validation case"
+        raise DatasetError(msg)
+    picks = np.linspace(0, len(cases) - 1, int(max_cases)).round().astype(int)
+    subset = [cases[i] for i in sorted(set(picks.tolist()))]
+    logger.info("validating on %d of %d validation cases during training: %s", len(subset), len(cases), [c.get("id") for c in subset])
+    return subset

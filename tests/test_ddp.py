@@ -28,7 +28,8 @@ from tests.conftest import TINY_TRAIN
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CONFIG = REPO / "bundle" / "configs" / "train.yaml"
 # side outputs that do not matter here, switched off to keep each run short
-QUIET = {"training_curves": False, "tensorboard_preview": False, "monitor_resources": False, "check_data": False}
+QUIET = {"training_curves": False, "tensorboard_preview": False, "monitor_resources": False, "check_data": False,
+         "store_mode": "mmap"}  # every rank memory-maps the volume store the ranks built together
 
 
 @pytest.fixture(scope="module")

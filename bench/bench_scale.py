@@ -1,0 +1,302 @@
+"""Real-scale data path: the volume store vs today's CacheDataset, on N synthetic volumes of 320^3 (default 40).
+
+Prints, measured in this run:
+
+1. loader patches/s on one core at 64^3 and 128^3 from 320^3 volumes: before (the CacheDataset chain of the
+   previous train.yaml, read from git) and after (crops cut from the memory-mapped store, same augmentation);
+2. the default ``python -m monai.bundle run training`` for one epoch shortened to ``--iterations`` (the CPUs
+   these figures come from are shared) in runs that follow each other: first run (builds the store: its start-up is the build), second run (start-up with the store built),
+   the in-RAM vs memory-mapped step, and with ``--mem-cap`` the default settings inside a cgroup-v1 memory cap,
+   single process and 2-process gloo DDP; peak memory of each run (cgroup peak incl. page cache, and peak RSS);
+3. validation sizing: one validation volume's sliding-window cost against a training step, and the share of
+   training time that ``val_max_cases`` validation takes at Kaggle scale (646 training / 160 validation volumes).
+
+Validation inside these training runs is cut to one centre window of two volumes (its cost is item 3); the
+competition score is off (``bench_score.py`` measures it).
+
+    nice -n 10 python bench/bench_scale.py                    # data generated once into data/bench_scale
+    nice -n 10 python bench/bench_scale.py --mem-cap kaggle   # cap = 0.55 x uint8 dataset + 1.1 GiB
+    nice -n 10 python bench/bench_scale.py --mem-cap 3000     # cap in MiB
+
+The cap needs root and the cgroup-v1 memory controller at /sys/fs/cgroup/memory (page cache counts there and is
+reclaimable); without ``--mem-cap`` runs still go in an uncapped child group to read their peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TRAIN = REPO / "bundle" / "configs" / "train.yaml"
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+BEFORE_COMMIT = "3acf90e"  # the last train.yaml with the CacheDataset path
+KAGGLE = {"train": 646, "val": 160, "epochs": 71, "val_interval": 5}
+
+
+class StepTimer:
+    """Bundle handler: writes ``<out>/timer_rank<r>.json`` with start-up time, iteration times and peak memory."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU time: steadier than wall time on a shared machine
+        self.data: list[float] = []  # seconds waiting for each batch
+        self.started = 0.0
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.times.append(time.time()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: self.cpu.append(time.process_time()))
+        engine.add_event_handler(Events.GET_BATCH_STARTED, lambda e: self.data.append(-time.perf_counter()))
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, lambda e: self.data.__setitem__(-1, self.data[-1] + time.perf_counter()))
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _started(self, engine) -> None:
+        self.started = time.time()
+
+    def _write(self, engine) -> None:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        rank = int(os.environ.get("RANK", 0))
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"timer_rank{rank}.json").write_text(json.dumps({
+            "process_start": float(os.environ["BENCH_T0"]), "started": self.started, "iterations": self.times, "cpu": self.cpu, "data": self.data,
+            "peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024, "rss_anon_mib": int(status["RssAnon"].split()[0]) / 1024,
+        }))
+
+
+def generate(data: Path, n: int) -> None:
+    from pipeline.synth import SynthConfig, generate_dataset
+
+    if (data / "train.csv").is_file():
+        return
+    t0 = time.monotonic()
+    generate_dataset(data, SynthConfig(n_train=n, n_test=1, shapes=((320, 320, 320),), n_scrolls=4, seed=0))
+    print(f"generated {n} volumes of 320^3 in {time.monotonic() - t0:.0f} s into {data}", flush=True)
+
+
+def dataset_bytes(data: Path) -> int:
+    from pipeline.data import train_datalist
+    from transforms.io import read_volume_shape
+
+    return sum(2 * int(__import__("numpy").prod(read_volume_shape(c["image"]))) for c in train_datalist(data))
+
+
+def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tuple[float, float]]:
+    """Patches per CPU-second and per wall second of one thread: before (the previous train.yaml's CacheDataset
+    chain) and after (the store chain)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from pipeline.data import prepare_datalists
+    from pipeline.store import build_store
+
+    torch.set_num_threads(1)
+    lists = prepare_datalists(data, check=False)
+    two = {"train": lists["train"][:2], "val": []}
+    old = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:bundle/configs/train.yaml"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old_yaml = Path(tmp) / "train_before.yaml"
+        old_yaml.write_text(old)
+        for config in (old_yaml, TRAIN):
+            parser = ConfigParser()
+            parser.read_config(str(config))
+            parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap"})
+            parser["datalists"] = two
+            parser["store"] = build_store(two, store_dir)
+            parser.get_parsed_content("imports")
+            ds = parser.get_parsed_content("train#dataset")
+            ds[0], ds[1]  # warm: page cache, first-call set-up
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = 0
+            for i in range(visits):
+                n += len(ds[i % 2])
+            rates.append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
+            del ds, parser
+    return rates
+
+
+def _cgroup(cap_bytes: int | None) -> Path:
+    group = CGROUP_ROOT / f"bench_scale_{os.getpid()}"
+    group.mkdir()
+    if cap_bytes is not None:
+        (group / "memory.limit_in_bytes").write_text(str(cap_bytes))
+    return group
+
+
+def _evict(folder: Path) -> None:
+    """Drop the store's pages from the page cache (these files only), so a capped run pays for reading them."""
+    for p in folder.glob("*.npy"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def train_run(name: str, data: Path, work: Path, cap_bytes: int | None, iterations: int, nproc: int = 1, **overrides) -> dict:
+    """One epoch of ``iterations`` of the default training (plus ``overrides``) in a child cgroup; its figures."""
+    out = work / name
+    timer_yaml = work / "timer.yaml"
+    timer_yaml.write_text(
+        "step_timer:\n  _target_: bench_scale.StepTimer\n"
+        f"  out: '{out}'\n"
+        "train#trainer#train_handlers: '$@train#handlers + [@step_timer]'\n"
+        # validation cut to one centre window of two volumes (item 3 measures validation)
+        "validate#dataset#data: \"$@store['val'][:2]\"\n"
+        "validate#transforms: \"$monai.transforms.Compose([transforms.crop.StoredVolumed(['image', 'label']), "
+        "monai.transforms.CenterSpatialCropd(['image', 'label'], @patch_size), transforms.intensity.NormalizeWithStatsd('image'), "
+        "monai.transforms.CastToTyped('label', torch.float32)])\"\n"
+    )
+    configs = [str(TRAIN)]
+    settings = {"dataset_dir": str(data), "output_dir": str(work / "outputs" / name), "ckpt_dir": str(work / "models" / name),
+                "cache_dir": str(work / "store"), "epochs": 1, "val_score": False, "training_curves": False,
+                "tensorboard_preview": False, "train#trainer#epoch_length": iterations, **overrides}
+    from pipeline.launch import torchrun_command
+
+    if nproc > 1:
+        configs += [str(REPO / "bundle" / "configs" / "multi_gpu_train.yaml"), str(timer_yaml)]
+        cmd = torchrun_command(configs, "training", settings, nproc=nproc)
+    else:
+        configs.append(str(timer_yaml))
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", f"--config_file={configs}",
+               *(f"--{k}={v!r}" for k, v in settings.items())]
+    group = _cgroup(cap_bytes)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'bench'}", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+           "BENCH_T0": repr(time.time())}
+    log = work / f"{name}.log"
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    wall = time.monotonic() - t0
+    peak = int((group / "memory.max_usage_in_bytes").read_text())
+    oom = "oom_kill 0" not in (group / "memory.oom_control").read_text() and "oom_kill " in (group / "memory.oom_control").read_text()
+    group.rmdir()
+    result = {"name": name, "rc": proc.returncode, "wall_s": wall, "cgroup_peak_mib": peak / 2**20, "oom_killed": oom,
+              "cap_mib": None if cap_bytes is None else cap_bytes / 2**20}
+    text = log.read_text()
+    result["mode"] = "in RAM" if "volume store: in RAM" in text else "memory-mapped" if "volume store: memory-mapped" in text else "?"
+    if proc.returncode != 0:
+        result["tail"] = text[-1500:]
+        return result
+    timers = [json.loads((out / f"timer_rank{r}.json").read_text()) for r in range(nproc)]
+    its = timers[0]["iterations"]
+    steps = [b - a for a, b in zip(its, its[1:])][2:]  # steady state: without the first iterations
+    cpu = [b - a for a, b in zip(timers[0]["cpu"], timers[0]["cpu"][1:])][2:]
+    result.update({
+        "startup_s": timers[0]["started"] - timers[0]["process_start"], "iterations": len(its),
+        "s_per_it": statistics.median(steps) if steps else float("nan"),
+        "cpu_s_per_it": statistics.median(cpu) if cpu else float("nan"),
+        "data_s_per_it": statistics.median(timers[0]["data"][3:]) if len(timers[0]["data"]) > 3 else float("nan"),
+        "peak_rss_mib": sum(t["peak_rss_mib"] for t in timers), "rss_anon_mib": sum(t["rss_anon_mib"] for t in timers),
+    })
+    return result
+
+
+def validation_share(data: Path, store_dir: Path, train_step_s: float, max_cases: int) -> dict:
+    """Measured sliding-window time of one 320^3 validation volume vs the training step; share at Kaggle scale."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from pipeline.data import prepare_datalists
+    from pipeline.store import build_store
+
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    lists = prepare_datalists(data, check=False)
+    parser["store"] = build_store(lists, store_dir)
+    parser.get_parsed_content("imports")
+    net = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("validate#inferer")
+    item = parser.get_parsed_content("validate#dataset")[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        inferer(item["image"][None], net)
+    per_volume = time.perf_counter() - t0
+    n_val = KAGGLE["epochs"] // KAGGLE["val_interval"] + 1
+    val_time = n_val * min(max_cases, KAGGLE["val"]) * per_volume
+    train_time = KAGGLE["epochs"] * KAGGLE["train"] * train_step_s
+    full = n_val * KAGGLE["val"] * per_volume
+    return {"per_volume_s": per_volume, "subset_share": val_time / (val_time + train_time), "full_share": full / (full + train_time)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=40, help="volumes of 320^3 to generate (once)")
+    parser.add_argument("--data", default=str(REPO / "data" / "bench_scale"))
+    parser.add_argument("--work", default=str(REPO / "data" / "bench_scale_work"), help="store, outputs, logs")
+    parser.add_argument("--mem-cap", default=None, help="'kaggle' (0.55 x uint8 dataset + 1.1 GiB) or MiB; also runs capped")
+    parser.add_argument("--visits", type=int, default=30, help="dataset visits per loader measurement")
+    parser.add_argument("--iterations", type=int, default=6, help="iterations of each training run's (only) epoch")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: loader,train,ddp,val")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    data, work = Path(args.data), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    generate(data, args.n)
+    size = dataset_bytes(data)
+    print(f"dataset {data}: {len(list((data / 'train_images').iterdir()))} volumes, {size / 2**30:.2f} GiB of uint8 images + labels", flush=True)
+
+    results = []
+    if "train" not in skip:
+        import shutil
+
+        shutil.rmtree(work / "store", ignore_errors=True)
+        shutil.rmtree(work / "models", ignore_errors=True)
+        results.append(train_run("first_run_default", data, work, None, args.iterations))
+        results.append(train_run("second_run_mmap", data, work, None, args.iterations, store_mode="mmap"))
+        if args.mem_cap:
+            cap = int(0.55 * size + 1.1 * 2**30) if args.mem_cap == "kaggle" else int(float(args.mem_cap) * 2**20)
+            _evict(work / "store")
+            results.append(train_run("capped_default", data, work, cap, args.iterations))
+            if "ddp" not in skip:
+                _evict(work / "store")
+                results.append(train_run("capped_default_ddp2", data, work, cap, args.iterations, nproc=2))
+        elif "ddp" not in skip:
+            results.append(train_run("default_ddp2", data, work, None, args.iterations, nproc=2))
+        print("\n== training, one epoch, default settings (+ overrides named)")
+        for r in results:
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        ok = {r["name"]: r for r in results if r["rc"] == 0}
+        if "first_run_default" in ok and "second_run_mmap" in ok:
+            print(f"second start-up / first (store build): {ok['second_run_mmap']['startup_s'] / ok['first_run_default']['startup_s']:.3f}")
+        ram = next((r for r in ok.values() if r["mode"] == "in RAM"), None)
+        if "second_run_mmap" in ok and ram is not None:
+            m = ok["second_run_mmap"]
+            print(f"memory-mapped step / in-RAM step ({ram['name']}): wall {m['s_per_it'] / ram['s_per_it']:.3f}, "
+                  f"process CPU time {m['cpu_s_per_it'] / ram['cpu_s_per_it']:.3f}; data wait per step "
+                  f"{m['data_s_per_it'] * 1000:.0f} ms vs {ram['data_s_per_it'] * 1000:.0f} ms")
+    if "loader" not in skip:
+        print("\n== loader, one thread, patches from 320^3 volumes (num_samples=2 per visit)")
+        for patch in (64, 128):
+            (before, before_wall), (after, after_wall) = loader_rate(data, work / "store", patch, args.visits)
+            print(f"{patch}^3: before (CacheDataset) {before:.1f} patches per CPU-second, after (store, mmap) {after:.1f}, "
+                  f"x{after / before:.1f} (wall clock on this shared machine: {before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
+    if "val" not in skip:
+        step = next((r["s_per_it"] for r in results if r.get("name") == "second_run_mmap" and r["rc"] == 0), None)
+        if step is not None:
+            from monai.bundle import ConfigParser
+
+            p = ConfigParser()
+            p.read_config(str(TRAIN))
+            max_cases = p["val_max_cases"]
+            v = validation_share(data, work / "store", step, max_cases)
+            print(f"\n== validation: one 320^3 volume {v['per_volume_s']:.1f} s (sliding window, default overlap) vs training step {step:.2f} s")
+            print(f"share of training time at Kaggle scale ({KAGGLE}): val_max_cases={max_cases}: {v['subset_share']:.1%}; every volume: {v['full_share']:.1%}")
+    return 1 if any(r["rc"] != 0 for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
