@@ -22,6 +22,7 @@ from pipeline.errors import MissingFileError, PipelineError
 from transforms.io import VolumeError, case_id, read_volume, read_volume_shape
 
 __all__ = [
+    "check_volume_pair",
     "DatasetError",
     "MIN_VOLUME_SIZE",
     "VOLUME_SUFFIXES",
@@ -187,8 +188,17 @@ def _check_shape(path: str, shape: tuple[int, ...]) -> None:
 
 def _check_pair(case: dict) -> None:
     img_shape = read_volume_shape(case["image"])  # header only; a truncated image fails here (transforms.io)
+    check_volume_pair(case, img_shape, read_volume(case["label"]))
+
+
+def check_volume_pair(case: dict, img_shape: tuple[int, ...], label: np.ndarray) -> None:
+    """Check one decoded training pair: 3D, at least ``MIN_VOLUME_SIZE`` along every axis, label shape equal to
+    the image's, label values in {0, 1, 2} (float labels named as such).
+
+    Raises:
+        DatasetError: the first problem found, naming the file.
+    """
     _check_shape(case["image"], img_shape)
-    label = read_volume(case["label"])
     if label.shape != img_shape:
         msg = f"{case['label']}: label shape {label.shape} differs from image shape {img_shape} ({case['image']})"
         raise DatasetError(msg)

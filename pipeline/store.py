@@ -47,7 +47,7 @@ import torch.distributed as dist
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
-from pipeline.data import DatasetError
+from pipeline.data import DatasetError, check_volume_pair
 from transforms.io import VolumeError, atomic_write, read_volume
 
 __all__ = [
@@ -209,20 +209,19 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int) -> b
                 logger.warning("volume store: rebuilding %s", problem)
             case = entry.case
             try:
-                image = _as_uint8(case["image"], read_volume(case["image"]))
-                label = _as_uint8(case["label"], read_volume(case["label"]))
+                image = read_volume(case["image"])
+                label = read_volume(case["label"])
             except VolumeError as e:
                 raise DatasetError(str(e)) from e
+            if check:  # the same checks and messages as pipeline.data's up-front check, on the decoded arrays
+                check_volume_pair(case, image.shape, label)
+            image, label = _as_uint8(case["image"], image), _as_uint8(case["label"], label)
             for side in ("image", "label"):
                 if _stat_key(case[side]) != entry.sources[side]:
                     msg = f"{case[side]}: changed while the volume store was being built; rerun once it is complete"
                     raise StoreError(msg)
             if label.shape != image.shape:
                 msg = f"{case['label']}: label shape {label.shape} differs from image shape {image.shape} ({case['image']})"
-                raise DatasetError(msg)
-            if check and label.size and label.max() > 2:
-                bad = [int(v) for v in np.unique(label) if v > 2]
-                msg = f"{case['label']}: label values {bad} outside {{0, 1, 2}}"
                 raise DatasetError(msg)
             rng = np.random.default_rng([seed, int(entry.key, 16) % 2**32])
             centres, counts = _centres(label, max_per_class, rng)
