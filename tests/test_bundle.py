@@ -39,6 +39,23 @@ def test_config_keys_for_both_run_ids():
     assert meta["monai_version"] == "1.6.1"
 
 
+def test_metadata_names_every_runtime_package_with_a_tested_version_and_measured_metrics():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    meta = json.load(open(CONFIGS / "metadata.json"))
+    lines = [line.split("#", 1)[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    requirements = [Requirement(line) for line in lines if line and not line.startswith("-")]
+    tested = {canonicalize_name(k): v for k, v in meta["required_packages_version"].items()}
+    own = {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"]}
+    for req in requirements:
+        version = own.get(req.name) or tested.get(canonicalize_name(req.name))
+        assert version is not None, f"metadata.json lacks {req.name}"
+        assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} outside {req.specifier}"
+    assert set(tested) == {canonicalize_name(r.name) for r in requirements} - set(own)
+    assert meta["eval_metrics"] and all(isinstance(v, float) for v in meta["eval_metrics"].values())
+
+
 def test_configs_name_no_file_relative_to_the_working_directory():
     for path in CONFIGS.glob("*.yaml"):
         assert '"%' not in path.read_text(), f"{path.name}: a %file macro is read relative to the working directory"
