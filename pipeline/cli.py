@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 CONFIGS = BUNDLE / "configs"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml, where installed: parses the configs ~10x faster
 # what monai.bundle's `run` takes itself, next to the config keys it overrides
 BUNDLE_ARGS = frozenset(
     {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
@@ -158,7 +159,7 @@ def config_keys(*configs: str | Path) -> set[str]:
     keys: set[str] = set()
     for config in configs:
         with open(config) as f:
-            content = yaml.safe_load(f) or {}
+            content = yaml.load(f, Loader=_LOADER) or {}
         keys.update(str(k).lstrip("+").split("#", 1)[0] for k in content)
     return keys
 
