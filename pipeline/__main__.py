@@ -147,8 +147,10 @@ def run_main_job(argv: list[str]) -> int:
     }
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if not args.skip_training and not _training_complete(train_overrides):
-        with _Stage("training"):
+        with _Stage("training") as stage:
             rc = _train(train_overrides, args)
+            if rc != 0:
+                stage.what = f"training failed (exit code {rc})"
         if rc != 0:
             return rc
     with _Stage(f"predicting {n_test} test volumes"):
