@@ -1,4 +1,4 @@
-"""Time one training checkpoint of the project's default-size 3D UNet (+ Adam state) and its cost per interval.
+"""Time one training checkpoint of train.yaml's default 3D UNet (+ AdamW state) and its cost per interval.
 
 Usage: python bench/bench_checkpoint.py [--dir CKPT_DIR] [--repeats N]
 (``--dir`` on the disk the real ``ckpt_dir`` lives on: fsync cost depends on it.)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine
-from monai.networks.nets import UNet
+from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from pipeline.checkpoint import TrainingCheckpointer, find_latest_checkpoint
@@ -27,17 +27,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    network = UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=(16, 32, 64, 128, 256),
-        strides=(2, 2, 2, 2),
-        num_res_units=2,
-    )
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    config = ConfigParser()
+    config.read_config(str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "train.yaml"))
+    config["device"] = "$torch.device('cpu')"
+    network, optimizer = config.get_parsed_content("network"), config.get_parsed_content("optimizer")  # the defaults
     network(torch.rand(1, 1, 32, 32, 32)).mean().backward()
-    optimizer.step()  # populates Adam's exp_avg / exp_avg_sq
+    optimizer.step()  # populates AdamW's exp_avg / exp_avg_sq
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
     engine = Engine(lambda e, b: None)
     engine.state.epoch, engine.state.iteration, engine.state.epoch_length, engine.state.max_epochs = 3, 750, 250, 100
@@ -59,7 +54,9 @@ def main() -> None:
 
     params = sum(p.numel() for p in network.parameters())
     save_s = statistics.median(times)
-    print(f"model: UNet 3D (16,32,64,128,256), {params / 1e6:.2f} M parameters + Adam state; file {size_mb:.1f} MiB")
+    channels = tuple(config.get_parsed_content("network_channels"))
+    print(f"model: train.yaml's UNet 3D {channels}, {params / 1e6:.2f} M parameters + {type(optimizer).__name__} "
+          f"state; file {size_mb:.1f} MiB")
     print(
         f"save (state dict + atomic write + fsync), median of {args.repeats}: {save_s * 1e3:.0f} ms "
         f"(min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})"

@@ -7,12 +7,16 @@
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
 train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it.
+It announces each stage with its time and ends with a list of everything it wrote.
+
+Parsing (``--help``, argument errors, unknown keys) happens before torch and MONAI are imported: it answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import sys
 import time
@@ -21,14 +25,18 @@ from typing import Any
 
 import yaml
 
+from pipeline import cli
+from pipeline.paths import BUNDLE
+
 __all__ = ["main", "parse_overrides", "route_overrides"]
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "bundle" / "configs"
+CONFIGS = BUNDLE / "configs"
 TRAIN_CONFIG = CONFIGS / "train.yaml"
 INFER_CONFIG = CONFIGS / "inference.yaml"
 MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
+
+COMMANDS = ("run", "synth", "score", "tune")
 
 logger = logging.getLogger("pipeline")
 
@@ -63,8 +71,23 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _top_keys(config: Path) -> set[str]:
-    with open(config) as f:
-        return set(yaml.safe_load(f))
+    return cli.config_keys(config)
+
+
+class _Stage:
+    """Prints ``[pipeline] <what> ...`` on entry and ``[pipeline] <what>: <seconds> s`` on a clean exit."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> _Stage:
+        print(f"[pipeline] {self.what} ...", flush=True)
+        self.start = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            print(f"[pipeline] {self.what}: {time.monotonic() - self.start:.1f} s", flush=True)
 
 
 def route_overrides(overrides: dict[str, Any], *configs: Path) -> dict[str, Any]:
@@ -79,51 +102,55 @@ def _bundle_run(run_id: str, config: Path, overrides: dict[str, Any]) -> None:
     run(run_id, config_file=str(config), logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
 
 
-def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> Path:
+def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, int]:
+    """The dataset folder (the synthetic one generated first when needed), checked; and its test volume count."""
     from pipeline.data import check_test_datalist, prepare_datalists, resolve_dataset_dir, test_datalist
 
-    root = resolve_dataset_dir(dataset_dir, synthetic_dir)
-    prepare_datalists(root, check=True)
-    check_test_datalist(test_datalist(root))
-    return root
+    generate = dataset_dir is None and not (Path(synthetic_dir) / "train.csv").is_file()
+    with _Stage(f"generating synthetic data into {synthetic_dir}") if generate else contextlib.nullcontext():
+        root = resolve_dataset_dir(dataset_dir, synthetic_dir)
+    with _Stage(f"checking the dataset in {root}") as stage:
+        lists = prepare_datalists(root, check=True)
+        tests = test_datalist(root)
+        check_test_datalist(tests)
+        n_train = len(lists["train"]) + len(lists["val"])
+        stage.what = f"checked {n_train} training cases (image + label) and {len(tests)} test volumes"
+    return root, len(tests)
 
 
 def run_main_job(argv: list[str]) -> int:
     """Train (or resume) and predict; print where everything is."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Train (or resume), then predict.")
-    parser.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: synthetic scrolls")
-    parser.add_argument("--output_dir", default=str(REPO / "outputs"))
-    parser.add_argument("--ckpt_dir", default=str(REPO / "bundle" / "models"))
-    parser.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"))
-    parser.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
-    parser.add_argument("--nproc", type=int, default=None, help="processes for DDP training (default: all GPUs)")
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node_rank", type=int, default=0)
-    parser.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = cli.main_parser().parse_known_args(argv)
     overrides = parse_overrides(rest)
     known = set().union(*(_top_keys(c) for c in (TRAIN_CONFIG, MULTI_GPU_CONFIG, INFER_CONFIG)))
-    unknown = sorted(k for k in overrides if k.split("#", 1)[0] not in known)
+    unknown = cli.unknown_keys_message(overrides, known, "train.yaml, multi_gpu_train.yaml or inference.yaml")
     if unknown:
-        print(f"error: unknown setting(s) {unknown}: not a key of train.yaml, multi_gpu_train.yaml or inference.yaml", file=sys.stderr)
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
+    if args.dataset_dir is not None and not Path(args.dataset_dir).is_dir():  # before the heavy imports below
+        print(f"error: {args.dataset_dir}: dataset folder not found (leave --dataset_dir out for the synthetic "
+              "default)", file=sys.stderr)
         return 2
     from pipeline.data import DatasetError
 
     start = time.monotonic()
     try:
-        root = _check_dataset(args.dataset_dir, args.synthetic_dir)
+        root, n_test = _check_dataset(args.dataset_dir, args.synthetic_dir)
     except (DatasetError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     common = {
-        "bundle_root": str(REPO / "bundle"),
+        "bundle_root": str(BUNDLE),
         "dataset_dir": str(root),
         "output_dir": args.output_dir,
         "ckpt_dir": args.ckpt_dir,
     }
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if not args.skip_training and not _training_complete(train_overrides):
-        rc = _train(train_overrides, args)
+        with _Stage("training") as stage:
+            rc = _train(train_overrides, args)
+            if rc != 0:
+                stage.what = f"training failed (exit code {rc})"
         if rc != 0:  # DDP: the failing rank printed its error above; nothing downstream runs on a failed training
             logs = Path(args.output_dir) / "logs"
             what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
@@ -133,22 +160,35 @@ def run_main_job(argv: list[str]) -> int:
     if model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
-    _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
-    out = Path(args.output_dir)
-    print(
-        "\n".join(
-            [
-                f"done in {time.monotonic() - start:.0f} s",
-                f"  dataset:     {root}",
-                f"  model:       {model}",
-                f"  checkpoints: {args.ckpt_dir}",
-                f"  submission:  {out / 'submission.zip'}",
-                f"  predictions: {out / 'predictions'}",
-                f"  logs:        {out}  (TensorBoard: tensorboard --logdir {out / 'tensorboard'})",
-            ]
-        )
-    )
+    with _Stage(f"predicting {n_test} test volumes"):
+        _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
+    print(_summary(time.monotonic() - start, root, Path(args.output_dir), Path(args.ckpt_dir), model))
     return 0
+
+
+def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path) -> str:
+    """Every output of the job, pictures included, one per line."""
+    from pipeline.runs import latest_run
+
+    run = latest_run(out)
+    lines = [
+        f"done in {seconds:.0f} s",
+        f"  dataset:        {root}",
+        f"  model:          {model}",
+        f"  checkpoints:    {ckpt_dir}",
+        f"  submission:     {out / 'submission.zip'}",
+        f"  predictions:    {out / 'predictions'}",
+        f"  overlays:       {out / 'overlays'}/<id>_overlay.png  (CT with the predicted surface, test volumes)",
+    ]
+    if run is not None:
+        lines += [
+            f"  training run:   {run}  (also {out / 'latest_run'})",
+            f"  curves:         {run / 'training_curves.png'}",
+            f"  history:        {run / 'training_history.csv'}, training_history.json",
+            f"  val overlays:   {run / 'overlays'}/<id>_overlay.png  (prediction beside the label, last validation)",
+            f"  TensorBoard:    tensorboard --logdir {out / 'runs'}",
+        ]
+    return "\n".join(lines)
 
 
 def _training_complete(overrides: dict[str, Any]) -> bool:
@@ -181,16 +221,12 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
 
 def run_synth(argv: list[str]) -> int:
     """``python -m pipeline synth --out DIR``: write a synthetic dataset in the Kaggle layout."""
+    args = cli.synth_parser().parse_args(argv)
     from pipeline.synth import SynthConfig, generate_dataset
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline synth", description="Write synthetic scroll volumes.")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=SynthConfig.n_train)
-    parser.add_argument("--n_test", type=int, default=SynthConfig.n_test)
-    args = parser.parse_args(argv)
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
     try:
-        out = generate_dataset(args.out, SynthConfig(n_train=args.n_train, n_test=args.n_test, seed=args.seed))
+        out = generate_dataset(args.out, SynthConfig(seed=args.seed, **sizes))
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -204,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "synth":
         return run_synth(rest)
     if command == "score":
+        cli.score_parser().parse_args(rest)  # --help and argument errors before torch is imported
         from pipeline.score import main as score_main
 
         return score_main(rest)
     if command == "tune":
+        cli.tune_parser().parse_known_args(rest)
         from pipeline.tune import main as tune_main
 
         return tune_main(rest)
@@ -215,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.errors import run_reporting_errors
 
         return run_reporting_errors(run_main_job, rest)  # any failure: one `error:` line last, non-zero exit
-    print(f"error: unknown command {command!r}; use run, synth, score or tune", file=sys.stderr)
+    print(f"error: unknown command {command!r}{cli.suggest(command, COMMANDS)}; use run, synth, score or tune "
+          "(python -m pipeline --help)", file=sys.stderr)
     return 2
 
 

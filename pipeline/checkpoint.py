@@ -82,6 +82,7 @@ __all__ = [
     "checkpoint_name",
     "find_latest_checkpoint",
     "completed_epochs",
+    "lock_ckpt_dir",
     "capture_rng_state",
     "restore_rng_state",
     "TrainingCheckpointer",
@@ -139,11 +140,13 @@ class _DirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock and write who holds it.
+        """Take the lock and write who holds it (nothing to do when this process holds it already).
 
         Raises:
             CheckpointDirError: another process holds it.
         """
+        if self._fd is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -168,6 +171,28 @@ class _DirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+_DIR_LOCKS: dict[Path, _DirLock] = {}
+
+
+def _dir_lock(folder: str | os.PathLike) -> _DirLock:
+    """The one lock object of this process for ``folder``: taken early by ``lock_ckpt_dir``, kept by the trainer."""
+    path = Path(folder).resolve()
+    if path not in _DIR_LOCKS:
+        _DIR_LOCKS[path] = _DirLock(path)
+    return _DIR_LOCKS[path]
+
+
+def lock_ckpt_dir(ckpt_dir: str | os.PathLike) -> None:
+    """Take ``ckpt_dir``'s lock on rank 0 before anything of the run is written there (its run record, say); the
+    run's ``TrainingCheckpointer`` then holds the same lock until the run ends.
+
+    Raises:
+        CheckpointDirError: another training run holds the folder (named in the message).
+    """
+    if idist.get_rank() == 0:
+        _dir_lock(ckpt_dir).acquire()
 
 
 class _SignalFlag:
@@ -474,7 +499,7 @@ class TrainingCheckpointer:
         self._start_iteration = 0
         self._resumed_from: Path | None = None
         self._data: _EpochIterable | None = None
-        self._lock = _DirLock(self.ckpt_dir)
+        self._lock = _dir_lock(self.ckpt_dir)
         self._signals = _SignalFlag()
 
     @property

@@ -11,7 +11,7 @@ several nodes, it starts ``python -m torch.distributed.run`` (torchrun) on the b
   non-zero; SIGTERM/SIGUSR1/SIGINT sent to the launcher are passed to torchrun, whose workers checkpoint and stop; a rank stuck in a collective raises after the config's ``dist_timeout_minutes``. With
   ``max_restarts`` > 0 torchrun restarts the whole group instead, and training resumes from its newest checkpoint.
 
-Run from the repository root (the configs name their files from there).
+Works from any directory: the configs find their files from ``bundle_root`` (see :mod:`pipeline.paths`).
 """
 
 from __future__ import annotations

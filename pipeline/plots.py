@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy.special import expit
 
 from pipeline.monitor import ThroughputMonitor, loss_of
@@ -41,7 +42,9 @@ def _save_figure(fig: Figure, path: Path) -> None:
 class TrainingCurves:
     """Record per-epoch training figures and plot them; survives resume.
 
-    Per epoch it records the mean training loss, the learning rate, the validation metrics found in
+    Per epoch it records the mean training loss, the learning rate in use at the epoch's last iteration (the
+    scheduler steps after it: the value read at the epoch's end would already be the next epoch's), the
+    validation metrics found in
     ``evaluator.state.metrics`` and a few throughput figures of a :class:`~pipeline.monitor.ThroughputMonitor`.
     The numbers go to ``training_history.json`` and ``training_history.csv`` at every epoch end; the plot
     ``training_curves.png`` is redrawn after each validation and at ``COMPLETED`` (every epoch end when no
@@ -90,6 +93,7 @@ class TrainingCurves:
         self._trainer: Engine | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._lr: float | None = None
         self._validated = False
         self._epoch_done = False
         self._plotted = ""
@@ -105,6 +109,7 @@ class TrainingCurves:
         self._trainer = engine
         self.history = self._load_history()
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._completed)
@@ -133,6 +138,10 @@ class TrainingCurves:
         for epoch in [e for e in self.history if e >= engine.state.epoch]:
             del self.history[epoch]
 
+    def _iteration_started(self, engine: Engine) -> None:
+        if self.optimizer is not None:
+            self._lr = float(self.optimizer.param_groups[0]["lr"])
+
     def _iteration_completed(self, engine: Engine) -> None:
         loss = self.output_transform(engine.state.output)
         if loss is not None:
@@ -143,8 +152,8 @@ class TrainingCurves:
         row = self._row(engine.state.epoch)
         if self._loss_count:
             row["train_loss"] = self._loss_sum / self._loss_count
-        if self.optimizer is not None:
-            row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self._lr is not None:
+            row["lr"] = self._lr
         self._epoch_done = True
         # a validation that ran earlier at this EPOCH_COMPLETED left the plot to this handler
         self._write(plot=self.evaluator is None or self._validated)
@@ -195,17 +204,20 @@ class TrainingCurves:
 
     def _plot(self, rows: list[dict[str, float]], columns: list[str]) -> None:
         # fixed margins: a layout engine triples the drawing time, which runs at every validation
-        fig = Figure(figsize=(11, 7))
-        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, hspace=0.25, wspace=0.2)
-        axes = fig.subplots(2, 2, sharex=True)
+        fig = Figure(figsize=(15, 7.5))
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.95, hspace=0.25, wspace=0.28)
+        axes = fig.subplots(2, 3, sharex=True)
         metrics = [c for c in columns if c not in _TRAIN_KEYS and c not in _THROUGHPUT_KEYS]
+        lower = [c for c in metrics if _lower_is_better(c)]
         panels = [
-            (axes[0, 0], "training loss", ["train_loss"], False),
-            (axes[0, 1], "validation", metrics, False),
-            (axes[1, 0], "learning rate", ["lr"], True),
-            (axes[1, 1], "samples/min", ["samples_per_min"], False),
+            (axes[0, 0], "training loss", "loss (mean over the epoch)", ["train_loss"], False),
+            (axes[0, 1], "validation scores", "score (higher is better)", [c for c in metrics if c not in lower], False),
+            (axes[0, 2], "validation VOI", "VOI, bits (lower is better)", lower, False),
+            (axes[1, 0], "learning rate", "LR at the epoch's last iteration", ["lr"], True),
+            (axes[1, 1], "throughput", "samples / min", ["samples_per_min"], False),
+            (axes[1, 2], "peak memory", "MiB", ["peak_rss_mib", "cuda_max_allocated_mib"], False),
         ]
-        for ax, title, keys, log_y in panels:
+        for ax, title, ylabel, keys, log_y in panels:
             for key in keys:
                 points = [(row["epoch"], row[key]) for row in rows if key in row and math.isfinite(row[key])]
                 if points:
@@ -214,12 +226,20 @@ class TrainingCurves:
             if log_y and ax.lines:
                 ax.set_yscale("log")
             if len(ax.lines) > 1:
-                ax.legend()
+                ax.legend(fontsize="small")
+            if not ax.lines:
+                ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
             ax.set_title(title)
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         for ax in axes[1]:
             ax.set_xlabel("epoch")
         _save_figure(fig, self.output_dir / self.png_name)
+
+
+def _lower_is_better(metric: str) -> bool:
+    # the raw variation of information (val_voi); its score form val_voi_score is higher-is-better like the rest
+    return metric.rsplit("_", 1)[-1] == "voi"
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -237,28 +257,39 @@ def _squeeze_to_3d(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+_PRED_COLOUR = (1.0, 0.1, 0.1)
+_SURFACE_COLOUR = (0.1, 0.9, 0.2)
+_IGNORED_COLOUR = (0.2, 0.5, 1.0)
+
+
+def _plane(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    return volume[index] if view == "axial" else volume[:, index, :]
+
+
 def save_overlay_sheet(
     image: np.ndarray | torch.Tensor,
     mask: np.ndarray | torch.Tensor,
     path: str | os.PathLike,
-    n_slices: int = 4,
+    label: np.ndarray | torch.Tensor | None = None,
     alpha: float = 0.5,
     title: str | None = None,
 ) -> Path:
-    """Save a PNG of a few axial slices of a CT volume with a predicted surface mask overlaid in red.
+    """Save a PNG of a CT volume with a predicted surface mask overlaid, and the label beside it when given.
 
-    The slices are evenly spaced along Z, away from the first and last slice. Intensities are windowed to
-    the 0.5-99.5 percentiles of the volume.
+    Two views through the middle of the volume: an axial slice (a Z plane) and a cross-section (the Y plane, Z
+    pointing down), in which sheets lying along Z show as the lines they are. With ``label`` a second column draws
+    the labelled surface (1) and the unlabeled voxels (2, ignored by loss and metrics) on the same planes. A legend
+    names the colours. Intensities are windowed to the 0.5-99.5 percentiles of the volume.
 
     Example::
 
-        save_overlay_sheet(volume, prediction > 0, output_dir / f"{case_id}_overlay.png")
+        save_overlay_sheet(volume, prediction > 0, output_dir / f"{case_id}_overlay.png", label=label)
 
     Args:
         image: CT volume, (Z, Y, X) or with leading singleton dims (e.g. (1, Z, Y, X)).
         mask: mask of the same spatial shape; non-zero voxels are overlaid.
         path: output PNG path (written atomically).
-        n_slices: number of axial slices shown.
+        label: label volume of the same shape (0 background, 1 surface, 2 unlabeled), or None.
         alpha: overlay opacity.
         title: figure title; None shows none.
 
@@ -266,29 +297,43 @@ def save_overlay_sheet(
         the written path.
 
     Raises:
-        ValueError: when the inputs are not 3D, their shapes differ, or ``n_slices < 1``.
+        ValueError: when the inputs are not 3D or their shapes differ.
     """
     image = _squeeze_to_3d(_as_numpy(image), "image")
     mask = _squeeze_to_3d(_as_numpy(mask), "mask")
-    if image.shape != mask.shape:
-        msg = f"image shape {image.shape} and mask shape {mask.shape} differ."
-        raise ValueError(msg)
-    if n_slices < 1:
-        msg = f"n_slices must be >= 1, got {n_slices}."
-        raise ValueError(msg)
-    n_slices = min(n_slices, image.shape[0])
-    zs = np.linspace(0, image.shape[0] - 1, n_slices + 2)[1:-1].round().astype(int)
+    volumes = {"mask": mask}
+    if label is not None:
+        volumes["label"] = _squeeze_to_3d(_as_numpy(label), "label")
+    for name, volume in volumes.items():
+        if volume.shape != image.shape:
+            msg = f"image shape {image.shape} and {name} shape {volume.shape} differ."
+            raise ValueError(msg)
     vmin, vmax = np.percentile(image, (0.5, 99.5))
-    red = ListedColormap([(1.0, 0.1, 0.1)])
-    fig = Figure(figsize=(3 * n_slices, 3.2))
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.85 if title else 0.9, wspace=0.05)
-    axes = np.atleast_1d(fig.subplots(1, n_slices))
-    for ax, z in zip(axes, zs, strict=True):
-        ax.imshow(image[z], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.imshow(np.ma.masked_equal(mask[z] != 0, False), cmap=red, alpha=alpha, vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.set_title(f"z={z}")
-        ax.set_axis_off()
+    views = [("axial", image.shape[0] // 2), ("cross-section", image.shape[1] // 2)]
+    columns = 1 if label is None else 2
+    fig = Figure(figsize=(3.6 * columns + 0.4, 7.4))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1, top=0.88 if title else 0.93, hspace=0.18, wspace=0.05)
+    axes = np.asarray(fig.subplots(2, columns)).reshape(2, columns)
+    for row, (view, index) in enumerate(views):
+        where = f"z={index}" if view == "axial" else f"y={index}, Z down"
+        layers = [("prediction", [(mask != 0, _PRED_COLOUR)])]
+        if label is not None:
+            lab = volumes["label"]
+            layers.append(("label", [(lab == 1, _SURFACE_COLOUR), (lab == 2, _IGNORED_COLOUR)]))
+        for col, (name, overlays) in enumerate(layers):
+            ax = axes[row, col]
+            ax.imshow(_plane(image, view, index), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            for selected, colour in overlays:
+                plane = _plane(selected, view, index)
+                ax.imshow(np.ma.masked_equal(plane, False), cmap=ListedColormap([colour]), alpha=alpha, vmin=0,
+                          vmax=1, interpolation="nearest")
+            ax.set_title(f"{name}, {view} {where}", fontsize="medium")
+            ax.set_axis_off()
+    handles = [Patch(color=_PRED_COLOUR, alpha=alpha, label="predicted surface")]
+    if label is not None:
+        handles += [Patch(color=_SURFACE_COLOUR, alpha=alpha, label="labelled surface (1)"),
+                    Patch(color=_IGNORED_COLOUR, alpha=alpha, label="unlabeled, ignored (2)")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small", frameon=False)
     if title is not None:
         fig.suptitle(title)
     path = Path(path)
@@ -376,14 +421,17 @@ class TensorBoardPreview:
 
 
 class PredictionOverlays:
-    """Inference handler: after each volume, a PNG of a few axial slices with the predicted surface over the CT,
+    """Evaluator handler: after each volume, a PNG of the predicted surface over the CT (an axial slice and a
+    cross-section, see :func:`save_overlay_sheet`), with the label beside it where the data has one (validation),
     ``<output_dir>/<id>_overlay.png``, so a user can look at a prediction instead of reading numbers.
 
     Args:
         output_dir: folder of the PNGs.
         image_key: key of the (normalised) input volume in each decollated output item.
         pred_key: key of the binary prediction.
-        n_slices: slices per sheet.
+        label_key: key of the label; drawn when an item has it.
+        only_epoch: draw only when the engine's epoch is this one (in training's validation, whose epoch is the
+            trainer's: ``epochs`` draws the last validation only); None draws at every run.
         enabled: False attaches nothing.
 
     Example::
@@ -392,22 +440,46 @@ class PredictionOverlays:
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, image_key: str = "image", pred_key: str = "pred", n_slices: int = 4, enabled: bool = True
+        self,
+        output_dir: str | os.PathLike,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        only_epoch: int | None = None,
+        enabled: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.pred_key = pred_key
-        self.n_slices = n_slices
+        self.label_key = label_key
+        self.only_epoch = only_epoch
         self.enabled = enabled
 
     def attach(self, engine: Engine) -> None:
+        """Register the callback on ``engine`` (nothing when ``enabled`` is False).
+
+        Args:
+            engine: the evaluator.
+        """
         if self.enabled:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        """Draw the sheet of every volume of this iteration.
+
+        Args:
+            engine: the evaluator.
+        """
+        if self.only_epoch is not None and engine.state.epoch != self.only_epoch:
+            return
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for i, item in enumerate(outputs):
             image, pred = item[self.image_key], item[self.pred_key]
-            source = getattr(image, "meta", {}).get("filename_or_obj", f"volume_{engine.state.iteration}")
-            case = case_id(str(source))
-            save_overlay_sheet(image, pred, self.output_dir / f"{case}_overlay.png", n_slices=self.n_slices, title=case)
+            # the file name where the image keeps its metadata (inference), else the datalist's id (validation)
+            source = getattr(image, "meta", {}).get("filename_or_obj")
+            if source is None and i < len(batch) and isinstance(batch[i], dict):
+                source = batch[i].get("id")
+            case = case_id(str(source)) if source is not None else f"volume_{engine.state.iteration}"
+            save_overlay_sheet(image, pred, self.output_dir / f"{case}_overlay.png", label=item.get(self.label_key),
+                               title=case)

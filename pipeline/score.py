@@ -56,7 +56,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -696,13 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 1 when an input is missing, unreadable or of the wrong shape (the message names the file).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline score", description="Vesuvius surface-detection competition score."
-    )
-    parser.add_argument("--pred", required=True, type=Path, help="submission.zip or folder of <id>.tif masks")
-    parser.add_argument("--labels", required=True, type=Path, help="folder of <id>.tif labels (0/1/2)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+    from pipeline.cli import score_parser
+
+    args = score_parser().parse_args(argv)
     try:
         result = score_volumes(_pairs(args.pred, args.labels))
     except (ValueError, OSError) as e:

@@ -18,7 +18,6 @@ scores settings in parallel processes.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import multiprocessing
@@ -281,47 +280,6 @@ def _table(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _values(cast: type) -> Any:
-    def parse(text: str) -> tuple:
-        out = []
-        for item in text.split(","):
-            item = item.strip()
-            if cast is bool:
-                if item.lower() not in ("true", "false", "1", "0"):
-                    msg = f"{item!r} is not a boolean (true/false)"
-                    raise argparse.ArgumentTypeError(msg)
-                out.append(item.lower() in ("true", "1"))
-            elif item.lower() in ("none", "null", "off"):
-                out.append(None)
-            else:
-                out.append(cast(item))
-        return tuple(out)
-
-    return parse
-
-
-def _parser() -> argparse.ArgumentParser:
-    grid = SweepGrid()
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline tune",
-        description="Sweep threshold and post-processing on the validation split; print the best setting.",
-        epilog="Other --key value pairs override bundle keys of train.yaml/evaluate.yaml (network, patch_size, ...).",
-    )
-    p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: the bundle's (synthetic)")
-    p.add_argument("--ckpt_dir", default=None, help="folder of model.pt; default: the bundle's")
-    p.add_argument("--output_dir", default=None, help="where tuning.json goes; default: the bundle's")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (as inference --tta True)")
-    p.add_argument("--workers", type=int, default=1, help="processes scoring settings in parallel")
-    p.add_argument("--top", type=int, default=10, help="rows of the printed table")
-    p.add_argument("--max_settings", type=int, default=400, help="refuse grids larger than this")
-    p.add_argument("--grid_threshold", type=_values(float), default=grid.threshold, help="e.g. 0.3,0.5,0.7")
-    p.add_argument("--grid_hysteresis_high", type=_values(float), default=grid.hysteresis_high, help="none,0.85")
-    p.add_argument("--grid_closing_radius", type=_values(int), default=grid.closing_radius, help="e.g. 0,1")
-    p.add_argument("--grid_plug_holes", type=_values(bool), default=grid.plug_holes, help="e.g. false,true")
-    p.add_argument("--grid_min_size", type=_values(int), default=grid.min_size, help="e.g. 0,1000,20000")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: sweep, print the best settings and the overrides to use, write ``tuning.json``.
 
@@ -329,22 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 on a bad grid or data.
     """
     from pipeline.__main__ import parse_overrides
+    from pipeline.cli import tune_parser
     from pipeline.data import DatasetError
 
-    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, rest = tune_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = parse_overrides(rest)
     for key in ("dataset_dir", "ckpt_dir", "output_dir"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.tta:
         overrides["tta"] = True
-    grid = SweepGrid(
-        threshold=args.grid_threshold,
-        hysteresis_high=args.grid_hysteresis_high,
-        closing_radius=args.grid_closing_radius,
-        plug_holes=args.grid_plug_holes,
-        min_size=args.grid_min_size,
-    )
+    given = {name: getattr(args, f"grid_{name}") for name in SweepGrid.__dataclass_fields__}
+    grid = SweepGrid(**{name: values for name, values in given.items() if values is not None})
     parser = load_config(overrides)
     default = {key: parser.get_parsed_content(key) for key in SETTING_KEYS}
     try:

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "bundle" / "configs"
 
 
-def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -39,19 +39,64 @@ def test_config_keys_for_both_run_ids():
     assert meta["monai_version"] == "1.6.1"
 
 
+def test_metadata_names_every_runtime_package_with_a_tested_version_and_measured_metrics():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    meta = json.load(open(CONFIGS / "metadata.json"))
+    lines = [line.split("#", 1)[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    requirements = [Requirement(line) for line in lines if line and not line.startswith("-")]
+    tested = {canonicalize_name(k): v for k, v in meta["required_packages_version"].items()}
+    own = {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"]}
+    for req in requirements:
+        version = own.get(req.name) or tested.get(canonicalize_name(req.name))
+        assert version is not None, f"metadata.json lacks {req.name}"
+        assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} outside {req.specifier}"
+    assert set(tested) == {canonicalize_name(r.name) for r in requirements} - set(own)
+    assert meta["eval_metrics"] and all(isinstance(v, float) for v in meta["eval_metrics"].values())
+
+
+def test_configs_name_no_file_relative_to_the_working_directory():
+    for path in CONFIGS.glob("*.yaml"):
+        assert '"%' not in path.read_text(), f"{path.name}: a %file macro is read relative to the working directory"
+    train = yaml.safe_load(open(CONFIGS / "train.yaml"))
+    inference = yaml.safe_load(open(CONFIGS / "inference.yaml"))
+    assert inference["network_def"] == train["network_def"]  # one network, written in both
+    mixin = yaml.safe_load(open(CONFIGS / "multi_gpu_train.yaml"))["initialize"]
+    start = mixin.index(train["initialize"][0])
+    assert mixin[start:start + len(train["initialize"])] == train["initialize"]  # train.yaml's initialize, in order
+
+
+def test_default_paths_follow_bundle_root(tmp_path, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.yaml", "inference.yaml"):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        assert parser.get_parsed_content("bundle_root") == str(REPO / "bundle")
+        assert parser.get_parsed_content("output_dir") == str(REPO / "outputs")
+        assert parser.get_parsed_content("synthetic_dir") == str(REPO / "data" / "synthetic")
+        assert parser.get_parsed_content("ckpt_dir") == str(REPO / "bundle" / "models")
+
+
 def test_train_then_infer_through_bundle_configs(tiny_dataset, tmp_path):
-    out, ckpt = tmp_path / "out", tmp_path / "models"
+    out, ckpt, elsewhere = tmp_path / "out", tmp_path / "models", tmp_path / "elsewhere"
+    elsewhere.mkdir()  # run from outside the repository: the configs find their files from bundle_root
     common = {"dataset_dir": str(tiny_dataset), "output_dir": str(out), "ckpt_dir": str(ckpt)}
     _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.yaml"),
-          *cli_args({**TINY_TRAIN, **common})])
+          *cli_args({**TINY_TRAIN, **common})], cwd=elsewhere)
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint_final.pt").is_file()
-    assert (out / "training_curves.png").stat().st_size > 0
-    history = json.load(open(out / "training_history.json"))
+    run = (out / "latest_run").resolve()
+    assert run.parent == (out / "runs").resolve() and (ckpt / "run_name.txt").read_text().strip() == run.name
+    assert (run / "training_curves.png").stat().st_size > 0 and list(run.glob("events.out.tfevents.*"))
+    history = json.load(open(run / "training_history.json"))
     rows = history if isinstance(history, list) else history.get("epochs", history)
     assert len(rows) == TINY_TRAIN["epochs"]
 
     _run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
-          *cli_args({**TINY_INFER, **common})])
+          *cli_args({**TINY_INFER, **common})], cwd=elsewhere)
+    assert not list(elsewhere.iterdir())  # nothing written relative to the working directory
     cases = data.test_datalist(tiny_dataset)
     expected = {Path(c["image"]).name.split(".")[0]: read_volume_shape(c["image"]) for c in cases}
     check_submission(out / "submission.zip", expected)

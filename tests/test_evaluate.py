@@ -39,8 +39,14 @@ def test_evaluate_yaml_is_a_mixin_with_inference_defaults():
     for block in ("network_def", "preprocessing", "datalists", "train", "validate"):
         assert block not in evaluate, block
     assert "validate#evaluator" not in evaluate and "validate#dataset" not in evaluate
-    for key in ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size"):
-        assert evaluate[key] == f"%bundle/configs/inference.yaml#{key}"
+    keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
+    for key in keys:
+        assert evaluate[key] == f"$@inference_defaults['{key}']"
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")])
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.yaml"))
+    assert {k: parser.get_parsed_content(k) for k in keys} == {k: inference.get_parsed_content(k) for k in keys}
 
 
 def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny_dataset, tiny_model_dir, tmp_path):

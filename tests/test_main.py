@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from pipeline.__main__ import parse_overrides, route_overrides
 from pipeline.checkpoint import completed_epochs
+from pipeline.data import prepare_datalists
 from tests.conftest import TINY_TRAIN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +34,7 @@ def test_unknown_setting_is_refused(capsys):
     from pipeline.__main__ import main
 
     assert main(["--epoch", "4"]) == 2  # a typo must not silently train the default schedule
-    assert "unknown setting(s) ['epoch']" in capsys.readouterr().err
+    assert "unknown setting(s) 'epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
 
 
 def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
@@ -46,6 +48,19 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     assert "submission:" in first.stdout and (out / "submission.zip").is_file()
     assert (ckpt / "model.pt").is_file()
     assert completed_epochs(ckpt) == TINY_TRAIN["epochs"]
+    for stage in ("[pipeline] checked 5 training cases (image + label) and 2 test volumes:", "[pipeline] training:",
+                  "[pipeline] predicting 2 test volumes:"):
+        assert stage in first.stdout
+    (run,) = (out / "runs").iterdir()  # this run's folder: curves, history, TensorBoard events, val overlays
+    assert (out / "latest_run").resolve() == run.resolve()
+    for name in ("training_curves.png", "training_history.json", "training_history.csv"):
+        assert (run / name).is_file()
+    for path in (run / "training_curves.png", run / "training_history.csv", run / "overlays"):  # named in the summary
+        assert str(path.resolve()) in first.stdout
+    assert list(run.glob("events.out.tfevents.*"))
+    val_ids = {case["id"] for case in prepare_datalists(tiny_dataset, check=False)["val"]}
+    assert {p.name for p in (run / "overlays").iterdir()} == {f"{i}_overlay.png" for i in val_ids}  # last validation
+    assert f"{out / 'overlays'}/<id>_overlay.png" in first.stdout and len(list((out / "overlays").glob("*.png"))) == 2
 
     (out / "submission.zip").unlink()
     again = _main(base)
@@ -56,3 +71,6 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     log = more.stdout + more.stderr
     assert "Resumed from" in log and "at epoch 2" in log
     assert completed_epochs(ckpt) == 3
+    assert list((out / "runs").iterdir()) == [run]  # ... in its own folder
+    assert [row["epoch"] for row in json.loads((run / "training_history.json").read_text())["epochs"]] == [1, 2, 3]
+    # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/test_runs.py

@@ -127,14 +127,78 @@ def test_disabled_curves_write_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_overlay_sheet_is_png(tmp_path: Path) -> None:
+def _capture_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    import pipeline.plots
+
+    figures: list = []
+    save = pipeline.plots._save_figure
+    monkeypatch.setattr(pipeline.plots, "_save_figure", lambda fig, path: (figures.append(fig), save(fig, path)))
+    return figures
+
+
+@pytest.mark.parametrize("with_label", [False, True])
+def test_overlay_sheet_axial_and_cross_section_with_legend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           with_label: bool) -> None:
+    figures = _capture_figures(monkeypatch)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(24, 32, 40), dtype=np.uint8)
     mask = np.zeros_like(image)
     mask[:, 10:12, :] = 1
-    path = save_overlay_sheet(torch.from_numpy(image)[None], mask, tmp_path / "sub" / "case_overlay.png", n_slices=3)
+    label = np.where(mask == 1, 1, 0).astype(np.uint8)
+    label[:3] = 2
+    path = save_overlay_sheet(torch.from_numpy(image)[None], mask, tmp_path / "sub" / "case_overlay.png",
+                              label=label if with_label else None)
     assert path == tmp_path / "sub" / "case_overlay.png"
     _assert_png(path)
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes]
+    # one axial slice (Y, X) and one cross-section (Z, X); the label beside the prediction when given
+    expected = ["prediction, axial z=12", "prediction, cross-section y=16, Z down"]
+    if with_label:
+        expected = ["prediction, axial z=12", "label, axial z=12", "prediction, cross-section y=16, Z down",
+                    "label, cross-section y=16, Z down"]
+    assert titles == expected
+    assert fig.axes[0].images[0].get_array().shape == (32, 40)
+    assert fig.axes[-1].images[0].get_array().shape == (24, 40)
+    (legend,) = fig.legends
+    names = [t.get_text() for t in legend.get_texts()]
+    assert names == (["predicted surface", "labelled surface (1)", "unlabeled, ignored (2)"] if with_label
+                     else ["predicted surface"])
+
+
+def test_curves_axes_labelled_voi_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = _capture_figures(monkeypatch)
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "lr": 1e-3, "val_dice": 0.5, "val_score": 0.6, "val_voi": 1.2,
+             "val_voi_score": 0.7, "samples_per_min": 10.0} for e in (1, 2)]
+    curves = TrainingCurves(tmp_path)
+    curves._plot(rows, ["epoch", "train_loss", "lr", "val_dice", "val_score", "val_voi", "val_voi_score",
+                        "samples_per_min"])
+    (fig,) = figures
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert all(ax.get_ylabel() for ax in fig.axes)
+    scores = [line.get_label() for line in panels["validation scores"].lines]
+    assert scores == ["val_dice", "val_score", "val_voi_score"]
+    assert [line.get_label() for line in panels["validation VOI"].lines] == ["val_voi"]
+    assert "lower is better" in panels["validation VOI"].get_ylabel()
+
+
+def test_lr_is_the_one_in_use_at_the_epochs_last_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TrainingCurves, "_plot", lambda self, rows, columns: None)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    # a cycle that ends with the run: the scheduler steps after each iteration, jumping back up after the last
+    schedule = [1.0, 0.5, 0.1, 0.01]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule[step % len(schedule)])
+
+    def step(engine: Engine, batch: object) -> dict[str, float]:
+        optimizer.step()
+        return {"loss": 1.0}
+
+    trainer = Engine(step)
+    TrainingCurves(tmp_path, optimizer=optimizer).attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: scheduler.step())
+    trainer.run([0, 1], max_epochs=2)
+    rows = json.loads((tmp_path / "training_history.json").read_text())["epochs"]
+    assert [row["lr"] for row in rows] == [0.5, 0.01]  # not 0.1 and 1.0, the next iterations' rates
 
 
 def test_overlay_sheet_rejects_mismatched_shapes(tmp_path: Path) -> None:
