@@ -191,7 +191,9 @@ def lock_ckpt_dir(ckpt_dir: str | os.PathLike) -> None:
     Raises:
         CheckpointDirError: another training run holds the folder (named in the message).
     """
-    if idist.get_rank() == 0:
+    from pipeline.distributed import is_main_process  # RANK from the launcher, before any process group exists
+
+    if is_main_process():
         _dir_lock(ckpt_dir).acquire()
 
 

@@ -45,3 +45,27 @@ def test_other_ranks_write_nothing(tmp_path: Path, monkeypatch) -> None:
     assert path.parent == tmp_path / "out" / "runs"
     assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()
     assert runs.latest_run(tmp_path / "out") is None
+
+
+def test_a_second_run_on_a_locked_folder_touches_no_run_record(tmp_path: Path) -> None:
+    import multiprocessing
+    import time
+
+    import pytest
+
+    from pipeline.errors import CheckpointDirError
+    from tests._ckpt_worker import hold_lock
+
+    out, ckpt, ready = tmp_path / "out", tmp_path / "models", tmp_path / "ready"
+    child = multiprocessing.get_context("fork").Process(target=hold_lock, args=(str(ckpt), str(ready)))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(CheckpointDirError, match=f"pid {child.pid}"):
+            runs.run_dir(out, ckpt)
+    finally:
+        child.kill()
+        child.join(10)
+    assert not (ckpt / runs.RUN_RECORD).exists() and not (out / "runs").exists()
