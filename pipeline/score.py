@@ -74,11 +74,14 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
+from pipeline.betti import exact_counts, load_reference, reference_counts
 from transforms.io import case_id
 
 __all__ = [
     "COMPONENT_KEYS",
+    "PORT_MAX_VOXELS",
     "SCORE_WEIGHTS",
+    "TOPO_MODES",
     "TOPO_WEIGHTS",
     "VOI_ALPHA",
     "CompetitionScore",
@@ -102,6 +105,11 @@ VOI_ALPHA = 0.3
 """``VOI_score = 1 / (1 + VOI_ALPHA * VOI)``."""
 COMPONENT_KEYS = ("score", "topo", "surface_dice", "voi", "voi_score")
 """Keys of the dict returned by :func:`score_volume`, in this order in :class:`CompetitionScore`'s buffer."""
+
+TOPO_MODES = ("exact", "fast")
+"""``topo_mode`` values: ``exact`` counts as Betti-Matching-3D does; ``fast`` is the closed-form estimate."""
+PORT_MAX_VOXELS = 24**3
+"""Largest octant (voxels) the pure-Python exact port handles when the compiled reference is not installed."""
 
 TopoCounts = dict[int, tuple[int, int, int]]
 
@@ -337,12 +345,16 @@ def _cavities_per_block(cav: np.ndarray, mask: np.ndarray, block: np.ndarray, n_
     return np.bincount(owner, minlength=n_blocks + 1)
 
 
-def _block_counts(p: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(3, 3) array of (m, p, g) per homology dimension for one block of the volume."""
+def _block_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(3, 3) array of (m, p, g) per homology dimension for one octant, and whether every ``m`` is exact.
+
+    ``p`` and ``g`` are exact. ``m`` is exact where the module docstring proves it; elsewhere it is the estimate
+    of ``topo_mode="fast"`` and the flag is False.
+    """
     counts = np.zeros((3, 3), np.int64)
     box = _bbox(p | g, margin=1)
     if box is None:
-        return counts
+        return counts, True
     # Components and cavities are unchanged by cropping to the foreground box grown by one background voxel.
     p, g = p[box], g[box]
     c, u = p & g, p | g
@@ -352,8 +364,16 @@ def _block_counts(p: np.ndarray, g: np.ndarray) -> np.ndarray:
     cav = {key: _cavities(mask) for key, mask in masks.items()}
 
     n_p, n_g, n_c = lab["p"][1], lab["g"][1], lab["c"][1]
-    if n_c:
-        # Which P- and G-component holds each C-component, and the first C-component inside each of those.
+    counts[0, 1], counts[0, 2] = max(n_p - 1, 0), max(n_g - 1, 0)
+    # U-components holding P voxels, G voxels: the dimension-0 matches are the merges of two groups of them that
+    # both hold P and G, exactly n_PG - 1 unless some U-components hold only P and others only G.
+    with_p = np.bincount(block[p], minlength=n_blocks + 1)[1:] > 0
+    with_g = np.bincount(block[g], minlength=n_blocks + 1)[1:] > 0
+    exact0 = not ((with_p & ~with_g).any() and (with_g & ~with_p).any())
+    if exact0:
+        counts[0, 0] = max(int((with_p & with_g).sum()) - 1, 0)
+    elif n_c:
+        # estimate: C-components first (in raster order) in both their P- and their G-component
         in_p = np.zeros(n_c + 1, np.int64)
         in_g = np.zeros(n_c + 1, np.int64)
         in_p[lab["c"][0][c]] = lab["p"][0][c]
@@ -364,31 +384,68 @@ def _block_counts(p: np.ndarray, g: np.ndarray) -> np.ndarray:
         np.minimum.at(first_in_p, in_p[1:], ids)
         np.minimum.at(first_in_g, in_g[1:], ids)
         both_first = (first_in_p[in_p[1:]] == ids) & (first_in_g[in_g[1:]] == ids)
-        counts[0, 0] = int(both_first.sum()) - 1
-    counts[0, 1], counts[0, 2] = max(n_p - 1, 0), max(n_g - 1, 0)
+        counts[0, 0] = min(max(int(both_first.sum()) - 1, 0), counts[0, 1], counts[0, 2])
 
-    cav_c, n_cav_c = cav["c"]
-    has_p = np.bincount(cav_c[cav["p"][0] > 0], minlength=n_cav_c + 1) > 0
-    has_g = np.bincount(cav_c[cav["g"][0] > 0], minlength=n_cav_c + 1) > 0
-    counts[2] = (int((has_p & has_g)[1:].sum()), cav["p"][1], cav["g"][1])
+    counts[2, 1], counts[2, 2] = cav["p"][1], cav["g"][1]
+    exact2 = min(cav["p"][1], cav["g"][1], cav["u"][1]) == 0
+    if not exact2:
+        # estimate: cavities of P AND G holding a cavity of P and one of G
+        cav_c, n_cav_c = cav["c"]
+        has_p = np.bincount(cav_c[cav["p"][0] > 0], minlength=n_cav_c + 1) > 0
+        has_g = np.bincount(cav_c[cav["g"][0] > 0], minlength=n_cav_c + 1) > 0
+        counts[2, 0] = min(int((has_p & has_g)[1:].sum()), counts[2, 1], counts[2, 2])
 
     b1 = {}
     for key, mask in masks.items():
         b0 = _per_block(block, n_blocks, block, n_blocks) if key == "u" else _per_block(*lab[key], block, n_blocks)
         b2 = _cavities_per_block(cav[key][0], mask, block, n_blocks)
         b1[key] = b0 + b2 - _euler_per_block(mask, block, n_blocks)
-    shared = np.minimum.reduce([b1["p"], b1["g"], b1["c"], b1["u"]]).clip(min=0)
-    counts[1] = (int(shared.sum()), int(b1["p"].sum()), int(b1["g"].sum()))
-    counts[1, 0] = min(counts[1, 0], counts[1, 1], counts[1, 2])
-    return counts
+    counts[1, 1], counts[1, 2] = int(b1["p"].sum()), int(b1["g"].sum())
+    exact1 = min(counts[1, 1], counts[1, 2], int(b1["u"].sum())) == 0
+    if not exact1:
+        # estimate: loops per block of U present in P, G, P AND G and U
+        shared = np.minimum.reduce([b1["p"], b1["g"], b1["c"], b1["u"]]).clip(min=0)
+        counts[1, 0] = min(int(shared.sum()), counts[1, 1], counts[1, 2])
+    return counts, exact0 and exact1 and exact2
 
 
-def _topo_counts(p: np.ndarray, g: np.ndarray) -> TopoCounts:
-    total = sum((_block_counts(p[sl], g[sl]) for sl in _octants(p.shape)), np.zeros((3, 3), np.int64))
+def _exact_block_counts(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Betti-Matching-3D's counts of whole octants: the compiled program if installed, else the Python port."""
+    if not pairs:
+        return []
+    if load_reference() is not None:
+        return reference_counts([p for p, _ in pairs], [g for _, g in pairs])
+    too_big = [p.shape for p, _ in pairs if p.size > PORT_MAX_VOXELS]
+    if too_big:
+        msg = (
+            f"exact TopoScore of an octant of shape {too_big[0]} needs the compiled Betti-Matching-3D "
+            "(pip install --no-deps topolosses==0.2.0); the Python port is limited to "
+            f"{PORT_MAX_VOXELS} voxels per octant. Or use topo_mode='fast' (an estimate)"
+        )
+        raise RuntimeError(msg)
+    return [exact_counts(p, g) for p, g in pairs]
+
+
+def _topo_counts(p: np.ndarray, g: np.ndarray, mode: str = "exact") -> TopoCounts:
+    if mode not in TOPO_MODES:
+        msg = f"topo_mode must be one of {TOPO_MODES}, got {mode!r}"
+        raise ValueError(msg)
+    total = np.zeros((3, 3), np.int64)
+    pending = []
+    for sl in _octants(p.shape):
+        counts, exact = _block_counts(p[sl], g[sl])
+        if exact or mode == "fast":
+            total += counts
+        else:
+            pending.append((p[sl], g[sl]))
+    for counts in _exact_block_counts(pending):
+        total += counts
     return {k: (int(total[k, 0]), int(total[k, 1]), int(total[k, 2])) for k in range(3)}
 
 
-def topo_counts(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2) -> TopoCounts:
+def topo_counts(
+    pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2, topo_mode: str = "exact"
+) -> TopoCounts:
     """Betti-matching counts per homology dimension, summed over the octants of the volume.
 
     See the module docstring for how each count is computed and where it is exact.
@@ -397,15 +454,18 @@ def topo_counts(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2) 
         pred: 3D prediction, non-zero = surface.
         gt: 3D label of the same shape (0 background, 1 surface, ``ignore_label`` ignored).
         ignore_label: label value set to background in both inputs; None to ignore nothing.
+        topo_mode: ``"exact"`` (Betti-Matching-3D's counts) or ``"fast"`` (closed-form estimate of ``m``).
 
     Returns:
         ``{k: (m, p, g)}`` for k in 0, 1, 2: matched features, predicted features, label features.
 
     Raises:
-        ValueError: when the arrays are not 3D of one shape.
+        ValueError: when the arrays are not 3D of one shape or ``topo_mode`` is unknown.
+        RuntimeError: in exact mode, when an octant needs the matcher, the compiled one is not installed and the
+            octant is larger than :data:`PORT_MAX_VOXELS`.
     """
     p, g = _foreground(pred, gt, ignore_label)
-    return _topo_counts(p, g)
+    return _topo_counts(p, g, topo_mode)
 
 
 def topo_score_from_counts(counts: TopoCounts, weights: tuple[float, float, float] = TOPO_WEIGHTS) -> float:
@@ -428,21 +488,23 @@ def topo_score_from_counts(counts: TopoCounts, weights: tuple[float, float, floa
     return total / weight_sum if weight_sum > 0 else 1.0
 
 
-def topo_score(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2) -> float:
+def topo_score(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2, topo_mode: str = "exact") -> float:
     """TopoScore: weighted Betti-matching F1 over homology dimensions 0, 1, 2, counted per octant.
 
     Args:
         pred: 3D prediction, non-zero = surface.
         gt: 3D label of the same shape (0 background, 1 surface, ``ignore_label`` ignored).
         ignore_label: label value set to background in both inputs; None to ignore nothing.
+        topo_mode: ``"exact"`` or ``"fast"``, see :func:`topo_counts`.
 
     Returns:
         The TopoScore in [0, 1].
 
     Raises:
         ValueError: when the arrays are not 3D of one shape.
+        RuntimeError: see :func:`topo_counts`.
     """
-    return topo_score_from_counts(topo_counts(pred, gt, ignore_label))
+    return topo_score_from_counts(topo_counts(pred, gt, ignore_label, topo_mode))
 
 
 # -------------------------------------------------------------------------------------------------- Combination
@@ -461,6 +523,7 @@ def score_volume(
     ignore_label: int | None = 2,
     tolerance: float = 2.0,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    topo_mode: str = "exact",
 ) -> dict[str, float]:
     """Competition score of one volume and its components.
 
@@ -470,15 +533,17 @@ def score_volume(
         ignore_label: label value set to background in both inputs; None to ignore nothing.
         tolerance: SurfaceDice tolerance.
         spacing: voxel size along (Z, Y, X).
+        topo_mode: ``"exact"`` (the official TopoScore) or ``"fast"`` (estimate), see :func:`topo_counts`.
 
     Returns:
         ``{"score", "topo", "surface_dice", "voi", "voi_score"}`` (``voi`` in bits, lower is better).
 
     Raises:
         ValueError: when the arrays are not 3D of one shape.
+        RuntimeError: see :func:`topo_counts`.
     """
     p, g = _foreground(pred, gt, ignore_label)
-    topo = topo_score_from_counts(_topo_counts(p, g))
+    topo = topo_score_from_counts(_topo_counts(p, g, topo_mode))
     sd = _surface_dice(p, g, tolerance, tuple(float(s) for s in spacing))
     voi_bits, voi_sc = _voi(p, g, VOI_ALPHA)
     return {
@@ -529,6 +594,7 @@ class CompetitionScore(CumulativeIterationMetric):
     Args:
         threshold: ``y_pred > threshold`` is surface (binary masks and probabilities alike).
         ignore_label: label value ignored in ``y``.
+        topo_mode: ``"exact"`` (the official TopoScore) or ``"fast"`` (estimate for in-training validation).
 
     Example::
 
@@ -537,10 +603,14 @@ class CompetitionScore(CumulativeIterationMetric):
         mean_score = metric.aggregate().item()
     """
 
-    def __init__(self, threshold: float = 0.5, ignore_label: int | None = 2) -> None:
+    def __init__(self, threshold: float = 0.5, ignore_label: int | None = 2, topo_mode: str = "exact") -> None:
         super().__init__()
+        if topo_mode not in TOPO_MODES:
+            msg = f"topo_mode must be one of {TOPO_MODES}, got {topo_mode!r}"
+            raise ValueError(msg)
         self.threshold = threshold
         self.ignore_label = ignore_label
+        self.topo_mode = topo_mode
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         if y is None or y_pred.ndim != 5 or y_pred.shape[1] != 1 or y.shape != y_pred.shape:
@@ -551,7 +621,7 @@ class CompetitionScore(CumulativeIterationMetric):
         label = torch.as_tensor(y).cpu().numpy()
         rows = []
         for b in range(pred.shape[0]):
-            result = score_volume(pred[b, 0], label[b, 0], ignore_label=self.ignore_label)
+            result = score_volume(pred[b, 0], label[b, 0], ignore_label=self.ignore_label, topo_mode=self.topo_mode)
             rows.append([result[key] for key in COMPONENT_KEYS])
         return torch.tensor(rows, dtype=torch.float64, device=y_pred.device)
 
@@ -585,6 +655,8 @@ class CompetitionScoreHandler(IgniteMetricHandler):
         component_prefix: when set, also put each component mean into ``engine.state.metrics`` as
             ``f"{component_prefix}{key}"`` (e.g. ``"val_"`` gives ``val_topo``, ``val_surface_dice``, ``val_voi``,
             ``val_voi_score``).
+        topo_mode: ``"exact"`` (the official TopoScore, as evaluation uses) or ``"fast"`` (the estimate, as
+            training's ``val_score`` uses).
 
     Example::
 
@@ -599,10 +671,11 @@ class CompetitionScoreHandler(IgniteMetricHandler):
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
         component_prefix: str | None = None,
+        topo_mode: str = "exact",
     ) -> None:
         self.component_prefix = component_prefix
         super().__init__(
-            metric_fn=CompetitionScore(threshold=threshold, ignore_label=ignore_label),
+            metric_fn=CompetitionScore(threshold=threshold, ignore_label=ignore_label, topo_mode=topo_mode),
             output_transform=output_transform,
             save_details=save_details,
         )
@@ -697,15 +770,24 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when an input is missing, unreadable or of the wrong shape (the message names the file).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline score", description="Vesuvius surface-detection competition score."
+        prog="python -m pipeline score",
+        description="Vesuvius surface-detection competition score. TopoScore is exact by default: the same "
+        "Betti-matching counts as the official metric (Betti-Matching-3D per octant).",
     )
     parser.add_argument("--pred", required=True, type=Path, help="submission.zip or folder of <id>.tif masks")
     parser.add_argument("--labels", required=True, type=Path, help="folder of <id>.tif labels (0/1/2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--topo_mode",
+        choices=TOPO_MODES,
+        default="exact",
+        help="exact (default): official TopoScore, needs 'pip install --no-deps topolosses==0.2.0' for octants "
+        f"over {PORT_MAX_VOXELS} voxels with loops, cavities or one-sided components; fast: closed-form estimate",
+    )
     args = parser.parse_args(argv)
     try:
-        result = score_volumes(_pairs(args.pred, args.labels))
-    except (ValueError, OSError) as e:
+        result = score_volumes(_pairs(args.pred, args.labels), topo_mode=args.topo_mode)
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result) if args.json else _table(result))
