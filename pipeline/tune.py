@@ -304,7 +304,8 @@ def _parser() -> argparse.ArgumentParser:
     grid = SweepGrid()
     p = argparse.ArgumentParser(
         prog="python -m pipeline tune",
-        description="Sweep threshold and post-processing on the validation split; print the best setting.",
+        description="Sweep threshold and post-processing on the validation split; print the best setting. Settings are "
+        "ranked by the exact competition score (TopoScore with the official Betti-matching counts).",
         epilog="Other --key value pairs override bundle keys of train.yaml/evaluate.yaml (network, patch_size, ...).",
     )
     p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: the bundle's (synthetic)")
