@@ -260,11 +260,11 @@ def test_combination_weights_and_clipping():
     assert combine_score(2.0, 2.0, 2.0) == 1.0
     assert combine_score(-1.0, 0.0, 0.0) == 0.0
     pred, gt = _blobs(2), _blobs(3)
-    result = score_volume(pred, gt)
+    result = score_volume(pred, gt, topo_mode="fast")  # the combination, not the matching, is tested here
     assert 0.0 < result["score"] < 1.0
     expected = 0.30 * result["topo"] + 0.35 * result["surface_dice"] + 0.35 * result["voi_score"]
     assert result["score"] == pytest.approx(expected, abs=1e-12)
-    assert result["topo"] == pytest.approx(topo_score(pred, gt), abs=1e-12)
+    assert result["topo"] == pytest.approx(topo_score(pred, gt, topo_mode="fast"), abs=1e-12)
     assert result["surface_dice"] == pytest.approx(surface_dice(pred, gt), abs=1e-12)
     assert (result["voi"], result["voi_score"]) == pytest.approx(voi(pred, gt), abs=1e-12)
 
@@ -587,3 +587,13 @@ def test_python_port_equals_betti_matching_3d(seed):
         gt = _model_like(rng, kind, shape) if min(shape) >= 8 else rng.random(shape) < rng.uniform(0.2, 0.8)
         pred = _perturbed(rng, gt)
         assert (exact_counts(pred, gt) == reference_counts([pred], [gt])[0]).all(), (kind, shape)
+
+
+def test_identical_masks_need_no_matcher(monkeypatch):
+    def no_matcher(pairs):
+        raise AssertionError("identical octants have closed-form counts")
+
+    monkeypatch.setattr(score_module, "_exact_block_counts", lambda pairs: no_matcher(pairs) if pairs else [])
+    mask = _blobs(0)
+    counts = topo_counts(mask, mask)
+    assert all(m == p == g for m, p, g in counts.values()) and counts[1][0] > 0
