@@ -52,8 +52,9 @@ the matcher's time (divided by the threads) where they do not.
 ``topo_mode="fast"`` (training's in-loop ``val_score``) never calls the matcher: where the closed forms do not
 apply it estimates ``m0`` from the first P AND G component (raster order) in each P- and G-component, ``m1`` as
 ``min(b1(P), b1(G), b1(P AND G), b1(U))`` per U-component, ``m2`` as the cavities of P AND G holding a cavity of
-P and one of G. Its TopoScore is off by up to about 0.1 on model-like masks (measured in the bench and on the
-synthetic set, see the project notes), so use it to follow training, not to compare settings.
+P and one of G. Measured on the synthetic dataset's 12 labelled volumes, each with 6 perturbed-label predictions
+(shifted, dilated, eroded, dusted and holed, smoothed noise): it differs from the exact TopoScore on 12 of the 72
+masks, by up to 0.28 (0.084 in the score). Use it to follow training, not to choose settings or checkpoints.
 
 Example::
 
