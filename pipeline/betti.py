@@ -20,7 +20,7 @@ binary inputs (its ``src_3D`` ``dimension_0``, ``dimension_1`` and ``dimension_2
   index); U's merges drive two more union-finds ordered by P's and G's values, and a U-pair matches when both
   younger roots are birth voxels of P- and G-pairs.
 
-This port is pure Python: exact, but only practical on small blocks (about 1 s for 20^3).
+This port is pure Python: exact, but only practical on small blocks (measured: 5.9 s for a 14 x 20 x 30 block).
 :func:`reference_counts` calls the compiled program when the ``topolosses`` 0.2.0 wheel is installed
 (``pip install --no-deps topolosses==0.2.0``: its declared dependencies are not needed for this extension).
 """
