@@ -28,18 +28,13 @@ This port is pure Python: exact, but only practical on small blocks (measured: 5
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import psutil
 
-__all__ = ["REFERENCE_BYTES_PER_VOXEL", "exact_counts", "load_reference", "reference_counts"]
-
-REFERENCE_BYTES_PER_VOXEL = 1400
-"""Peak memory of the compiled matcher per voxel of its input (measured: 4.3 GB for one 160^3 octant), with margin."""
+__all__ = ["exact_counts", "load_reference", "reference_counts"]
 
 _REFERENCE: list[ModuleType | None] = []
 
@@ -68,8 +63,8 @@ def load_reference() -> ModuleType | None:
 def reference_counts(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> list[np.ndarray]:
     """``(3, 3)`` arrays of (matched, predicted, label) per dimension from the compiled Betti-Matching-3D.
 
-    The pairs are computed in parallel threads by the extension's batched ``compute_matching``, as many at once as
-    there are CPU cores and as fit in the available memory (:data:`REFERENCE_BYTES_PER_VOXEL`); at least one.
+    One pair at a time: the program already runs its dimension-1 barcodes on several threads, and one 160^3
+    octant takes 4.3 GB (eight at once were killed for memory on a 24 GB machine).
 
     Args:
         preds: binary 3D masks (True = foreground).
@@ -88,24 +83,11 @@ def reference_counts(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> 
     if not preds:
         return []
     out = []
-    start = 0
-    while start < len(preds):
-        room = psutil.virtual_memory().available // REFERENCE_BYTES_PER_VOXEL
-        stop = start + 1
-        while stop < len(preds) and stop - start < (os.cpu_count() or 1):
-            if sum(np.asarray(p).size for p in preds[start : stop + 1]) > room:
-                break
-            stop += 1
-        out.extend(_reference_batch(bm, preds[start:stop], gts[start:stop]))
-        start = stop
-    return out
-
-
-def _reference_batch(bm: ModuleType, preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> list[np.ndarray]:
-    inputs1 = [np.ascontiguousarray(~np.asarray(p, bool), dtype=np.float64) for p in preds]
-    inputs2 = [np.ascontiguousarray(~np.asarray(g, bool), dtype=np.float64) for g in gts]
-    out = []
-    for result in bm.compute_matching(inputs1, inputs2):
+    for pred, gt in zip(preds, gts, strict=True):
+        result = bm.compute_matching(
+            np.ascontiguousarray(~np.asarray(pred, bool), dtype=np.float64),
+            np.ascontiguousarray(~np.asarray(gt, bool), dtype=np.float64),
+        )
         counts = np.zeros((3, 3), np.int64)
         for k in range(3):
             m = len(result.input1_matched_birth_coordinates[k])

@@ -40,14 +40,14 @@ the program's counts; per octant:
 - **m = p = g** in every dimension when P and G are equal in the octant (the program then runs the same
   union-finds and reductions on P, G and U).
 - An octant where one of these does not apply goes whole to the matcher: the compiled Betti-Matching-3D when
-  the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``; octants in parallel
-  threads), else the pure-Python port of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels;
+  the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``; one octant at a time),
+  else the pure-Python port of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels;
   larger octants then raise a ``RuntimeError`` saying what to install.
 
 Tested equal to the compiled Betti-Matching-3D, count by count, on 56 random model-like volumes
 (``tests/test_score.py``). Time: ``bench/bench_score.py`` prints the exact score next to the matcher run octant
 by octant as the official code does; the exact score is fast where the closed forms cover the octants and costs
-the matcher's time (divided by the threads) where they do not.
+the matcher's time where they do not.
 
 ``topo_mode="fast"`` (training's in-loop ``val_score``) never calls the matcher: where the closed forms do not
 apply it estimates ``m0`` from the first P AND G component (raster order) in each P- and G-component, ``m1`` as

@@ -598,23 +598,3 @@ def test_identical_masks_need_no_matcher(monkeypatch):
     counts = topo_counts(mask, mask)
     assert all(m == p == g for m, p, g in counts.values()) and counts[1][0] > 0
 
-
-def test_reference_runs_as_many_octants_at_once_as_memory_allows(monkeypatch):
-    if load_reference() is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
-    import psutil
-
-    from pipeline import betti
-
-    rng = np.random.default_rng(7)
-    pairs = [(rng.random((8, 9, 10)) < 0.5, rng.random((8, 9, 10)) < 0.5) for _ in range(3)]
-    expected = [reference_counts([p], [g])[0] for p, g in pairs]
-    batches = []
-    real_batch = betti._reference_batch
-    monkeypatch.setattr(betti, "_reference_batch", lambda bm, ps, gs: batches.append(len(ps)) or real_batch(bm, ps, gs))
-    room = type("Memory", (), {"available": 2 * 720 * betti.REFERENCE_BYTES_PER_VOXEL})  # two 720-voxel octants
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: room)
-    monkeypatch.setattr(betti.os, "cpu_count", lambda: 8)
-    got = reference_counts([p for p, _ in pairs], [g for _, g in pairs])
-    assert batches == [2, 1]
-    assert all((a == b).all() for a, b in zip(got, expected, strict=True))
