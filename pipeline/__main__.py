@@ -2,7 +2,7 @@
 
     python -m pipeline [--dataset_dir DIR] [--output_dir DIR] [--nproc N] [--<bundle key> VALUE ...]
     python -m pipeline synth --out DIR [--seed S]
-    python -m pipeline score --pred submission.zip --labels DIR [--json]
+    python -m pipeline score --pred submission.zip --labels DIR [--json] [--topo_mode exact|fast]   # exact by default
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with

@@ -99,11 +99,20 @@ def synth_parser() -> argparse.ArgumentParser:
 def score_parser() -> argparse.ArgumentParser:
     """``python -m pipeline score``'s parser."""
     p = argparse.ArgumentParser(
-        prog="python -m pipeline score", description="Vesuvius surface-detection competition score."
+        prog="python -m pipeline score",
+        description="Vesuvius surface-detection competition score. TopoScore is exact by default: the same "
+        "Betti-matching counts as the official metric (Betti-Matching-3D per octant).",
     )
     p.add_argument("--pred", required=True, type=Path, help="submission.zip or folder of <id>.tif masks")
     p.add_argument("--labels", required=True, type=Path, help="folder of <id>.tif labels (0/1/2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--topo_mode",
+        choices=("exact", "fast"),
+        default="exact",
+        help="exact (default): official TopoScore, needs 'pip install --no-deps topolosses==0.2.0' for octants "
+        "over 24^3 voxels with loops, cavities or one-sided components; fast: closed-form estimate",
+    )
     return p
 
 
@@ -134,7 +143,8 @@ def tune_parser() -> argparse.ArgumentParser:
     """``python -m pipeline tune``'s parser; a grid option left out (None) takes ``SweepGrid``'s default."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline tune",
-        description="Sweep threshold and post-processing on the validation split; print the best setting.",
+        description="Sweep threshold and post-processing on the validation split; print the best setting. Settings are "
+        "ranked by the exact competition score (TopoScore with the official Betti-matching counts).",
         epilog="Other --key value pairs override bundle keys of train.yaml/evaluate.yaml (network, patch_size, ...).",
     )
     p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: the bundle's (synthetic)")

@@ -19,6 +19,8 @@ from ignite.engine import Engine
 from scipy import ndimage
 from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
 
+from pipeline import score as score_module
+from pipeline.betti import exact_counts, load_reference, reference_counts
 from pipeline.score import (
     CompetitionScore,
     CompetitionScoreHandler,
@@ -258,11 +260,11 @@ def test_combination_weights_and_clipping():
     assert combine_score(2.0, 2.0, 2.0) == 1.0
     assert combine_score(-1.0, 0.0, 0.0) == 0.0
     pred, gt = _blobs(2), _blobs(3)
-    result = score_volume(pred, gt)
+    result = score_volume(pred, gt, topo_mode="fast")  # the combination, not the matching, is tested here
     assert 0.0 < result["score"] < 1.0
     expected = 0.30 * result["topo"] + 0.35 * result["surface_dice"] + 0.35 * result["voi_score"]
     assert result["score"] == pytest.approx(expected, abs=1e-12)
-    assert result["topo"] == pytest.approx(topo_score(pred, gt), abs=1e-12)
+    assert result["topo"] == pytest.approx(topo_score(pred, gt, topo_mode="fast"), abs=1e-12)
     assert result["surface_dice"] == pytest.approx(surface_dice(pred, gt), abs=1e-12)
     assert (result["voi"], result["voi_score"]) == pytest.approx(voi(pred, gt), abs=1e-12)
 
@@ -430,3 +432,169 @@ def test_handler_sets_key_metric_and_components():
     CompetitionScoreHandler().attach(plain, "val_score")
     plain.run([(probs, labels)], max_epochs=1)
     assert set(plain.state.metrics) == {"val_score"}
+
+
+# ------------------------------------------------------------------------------- exact Betti matching (issue 11)
+
+
+def test_reproduction_dimension0_merge_order(monkeypatch):
+    """A P-only blob, a G-only blob and a shared one: Betti-Matching-3D matches the shared one (m0 = 1).
+
+    The issue's (6, 12, 12) block, placed in the first octant of a (12, 24, 24) volume.
+    """
+    monkeypatch.setattr(score_module, "load_reference", lambda: None)  # the pure-Python port must be exact too
+    pred = np.zeros((12, 24, 24), np.uint8)
+    gt = np.zeros_like(pred)
+    pred[1:3, 1:3, 1:3] = 1
+    pred[3:5, 8:10, 8:10] = 1
+    gt[1:3, 1:3, 8:10] = 1
+    gt[3:5, 8:10, 8:10] = 1
+    assert (exact_counts(pred[:6, :12, :12] > 0, gt[:6, :12, :12] > 0)[0] == (1, 1, 1)).all()
+    assert topo_counts(pred, gt) == {0: (1, 1, 1), 1: (0, 0, 0), 2: (0, 0, 0)}
+    assert topo_counts(pred, gt, topo_mode="fast")[0] == (0, 1, 1)  # the estimate this replaced
+
+
+def test_reproduction_dimension1_loops_of_the_union(monkeypatch):
+    """Two slabs; P: hole A and pillar X, G: hole B and pillar Y. The union's loop is neither mask's: m1 = 0."""
+    monkeypatch.setattr(score_module, "load_reference", lambda: None)
+    pred = np.zeros((14, 20, 30), np.uint8)
+    pred[1, 1:9, 1:14] = 1
+    pred[5, 1:9, 1:14] = 1
+    gt = pred.copy()
+    pred[1, 3, 3] = 0
+    gt[1, 6, 11] = 0
+    pred[2:5, 2, 7] = 1
+    gt[2:5, 7, 7] = 1
+    assert topo_counts(pred, gt) == {0: (0, 0, 0), 1: (0, 1, 1), 2: (0, 0, 0)}
+    assert topo_counts(pred, gt, topo_mode="fast")[1] == (1, 1, 1)
+
+
+def test_exact_needs_the_matcher_for_large_octants(monkeypatch):
+    monkeypatch.setattr(score_module, "load_reference", lambda: None)
+    pred = np.zeros((60, 60, 60), np.uint8)
+    pred[5, 5:25, 5:25] = 1
+    gt = pred.copy()
+    pred[5, 20, 20] = gt[5, 20, 20] = 0  # loops in both masks and their union: no closed form
+    pred[5, 8, 8] = 0
+    with pytest.raises(RuntimeError, match="topolosses"):
+        topo_counts(pred, gt)
+    assert topo_counts(pred, gt, topo_mode="fast")[1] == (1, 2, 1)
+    with pytest.raises(ValueError, match="topo_mode"):
+        topo_counts(pred, gt, topo_mode="approximate")
+
+
+def _model_like(rng: np.random.Generator, kind: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A random binary mask of one family of shapes a segmentation model produces."""
+    vol = np.zeros(shape, bool)
+    zz, yy, xx = np.indices(shape)
+    if kind == "near_empty":
+        vol[tuple(rng.integers(0, s) for s in shape)] = True
+        if rng.random() < 0.5:
+            vol[tuple(rng.integers(0, s) for s in shape)] = True
+    elif kind == "single_voxel":
+        vol[tuple(rng.integers(0, s) for s in shape)] = True
+    elif kind == "sheets":  # wavy sheets 1-3 voxels thick, sometimes touching, with holes
+        for _ in range(rng.integers(1, 4)):
+            level = rng.uniform(2, shape[0] - 3)
+            wave = rng.uniform(0, 3) * np.sin(2 * np.pi * (yy / shape[1] * rng.uniform(0.5, 2) + rng.random()))
+            vol |= np.abs(zz - level - wave) < rng.uniform(0.5, 1.6)
+        for _ in range(rng.integers(0, 4)):
+            c = [rng.integers(0, s) for s in shape]
+            r = rng.integers(1, 3)
+            vol[c[0] - r : c[0] + r, c[1] - r : c[1] + r, c[2] - r : c[2] + r] = False
+    elif kind == "handles":  # rings and bridged slabs
+        for _ in range(rng.integers(1, 3)):
+            cy, cx, r = rng.uniform(4, shape[1] - 4), rng.uniform(4, shape[2] - 4), rng.uniform(2, 5)
+            ring = np.abs(np.hypot(yy - cy, xx - cx) - r) < 1.0
+            vol |= ring & (np.abs(zz - rng.uniform(2, shape[0] - 2)) < 1.5)
+        vol[2:4] |= True
+        vol[4 : shape[0] - 4, rng.integers(0, shape[1]), rng.integers(0, shape[2])] = True
+    elif kind == "cavities":  # hollow boxes, some punctured
+        for _ in range(rng.integers(1, 3)):
+            lo = [rng.integers(0, s - 6) for s in shape]
+            size = [rng.integers(4, 7) for _ in shape]
+            box = tuple(slice(a, a + b) for a, b in zip(lo, size, strict=True))
+            inner = tuple(slice(a + 1, a + b - 1) for a, b in zip(lo, size, strict=True))
+            vol[box] = True
+            vol[inner] = False
+            if rng.random() < 0.3:
+                vol[lo[0], lo[1] + 2, lo[2] + 2] = False
+    elif kind == "diagonal":  # voxels touching only by edges or corners: 26- but not 6-connected
+        for _ in range(rng.integers(3, 12)):
+            c = np.array([rng.integers(1, s - 2) for s in shape])
+            step = rng.integers(0, 2, 3)
+            step[rng.integers(0, 3)] = 1
+            for i in range(rng.integers(2, 5)):
+                q = np.minimum(c + i * step, np.array(shape) - 1)
+                vol[tuple(q)] = True
+    else:  # blobs: smoothed noise
+        vol = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.8, 2)) > rng.uniform(0.5, 0.56)
+    return vol
+
+
+def _perturbed(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """A prediction-like copy: shifted in places, eroded or dilated, with dust and holes."""
+    pred = mask.copy()
+    if rng.random() < 0.5:
+        pred = np.roll(pred, rng.integers(-1, 2), axis=rng.integers(0, 3))
+    if rng.random() < 0.3:
+        pred = ndimage.binary_dilation(pred) if rng.random() < 0.5 else ndimage.binary_erosion(pred)
+    flip = rng.random(mask.shape) < rng.choice([0.0, 0.001, 0.005])
+    return pred ^ flip
+
+
+KINDS = ("near_empty", "single_voxel", "sheets", "handles", "cavities", "diagonal", "blobs")
+
+
+def _reference_topo_counts(pred: np.ndarray, gt: np.ndarray, bm) -> dict[int, tuple[int, int, int]]:
+    """The official TopoScore counts: Betti-Matching-3D on 1 - mask of each octant, counts summed."""
+    total = np.zeros((3, 3), np.int64)
+    for sl in score_module._octants(pred.shape):
+        result = bm.compute_matching((~pred[sl]).astype(np.float64), (~gt[sl]).astype(np.float64))
+        for k in range(3):
+            m = len(result.input1_matched_birth_coordinates[k])
+            total[k] += (
+                m,
+                m + len(result.input1_unmatched_birth_coordinates[k]),
+                m + len(result.input2_unmatched_birth_coordinates[k]),
+            )
+    return {k: tuple(int(v) for v in total[k]) for k in range(3)}
+
+
+@pytest.mark.parametrize("seed", range(56))
+def test_exact_topo_counts_equal_betti_matching_3d(seed):
+    bm = load_reference()
+    if bm is None:
+        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    rng = np.random.default_rng(seed)
+    kind = KINDS[seed % len(KINDS)]
+    shape = tuple(int(s) for s in rng.integers(9, 27, 3))  # odd sizes: uneven octants
+    gt = _model_like(rng, kind, shape)
+    pred = _perturbed(rng, gt) if rng.random() < 0.8 else _model_like(rng, KINDS[rng.integers(len(KINDS))], shape)
+    expected = _reference_topo_counts(pred, gt, bm)
+    assert topo_counts(pred.astype(np.uint8), gt.astype(np.uint8), ignore_label=None) == expected
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_python_port_equals_betti_matching_3d(seed):
+    bm = load_reference()
+    if bm is None:
+        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    rng = np.random.default_rng(100 + seed)
+    for i in range(6):
+        kind = KINDS[(seed * 6 + i) % len(KINDS)]
+        shape = tuple(int(s) for s in rng.integers(2, 11, 3))
+        gt = _model_like(rng, kind, shape) if min(shape) >= 8 else rng.random(shape) < rng.uniform(0.2, 0.8)
+        pred = _perturbed(rng, gt)
+        assert (exact_counts(pred, gt) == reference_counts([pred], [gt])[0]).all(), (kind, shape)
+
+
+def test_identical_masks_need_no_matcher(monkeypatch):
+    def no_matcher(pairs):
+        raise AssertionError("identical octants have closed-form counts")
+
+    monkeypatch.setattr(score_module, "_exact_block_counts", lambda pairs: no_matcher(pairs) if pairs else [])
+    mask = _blobs(0)
+    counts = topo_counts(mask, mask)
+    assert all(m == p == g for m, p, g in counts.values()) and counts[1][0] > 0
+
