@@ -4,6 +4,8 @@
     python -m pipeline synth --out DIR [--seed S]
     python -m pipeline score --pred submission.zip --labels DIR [--json]
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
+    python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
+    python -m pipeline merge --pred_dir DIR [DIR ...] [--dataset_dir DIR] [--output submission.zip]
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
 train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it.
@@ -96,7 +98,7 @@ def run_main_job(argv: list[str]) -> int:
     parser.add_argument("--ckpt_dir", default=str(REPO / "bundle" / "models"))
     parser.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"))
     parser.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
-    parser.add_argument("--nproc", type=int, default=None, help="processes for DDP training (default: all GPUs)")
+    parser.add_argument("--nproc", type=int, default=None, help="processes for DDP training and inference (default: all GPUs)")
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--node_rank", type=int, default=0)
     parser.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
@@ -126,7 +128,9 @@ def run_main_job(argv: list[str]) -> int:
         rc = _train(train_overrides, args)
         if rc != 0:
             return rc
-    _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
+    rc = _infer(route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG), args)
+    if rc != 0:
+        return rc
     out = Path(args.output_dir)
     print(
         "\n".join(
@@ -172,6 +176,19 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
     )
 
 
+def _infer(overrides: dict[str, Any], args: argparse.Namespace) -> int:
+    """Inference in this process, or under torchrun on ``--nproc`` processes (default: every GPU) and nodes."""
+    from pipeline import launch
+
+    if (args.nproc or launch.default_nproc()) == 1 and args.nnodes == 1:
+        _bundle_run("inference", INFER_CONFIG, overrides)
+        return 0
+    return launch.launch(
+        [str(INFER_CONFIG)], "inference", overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint, mixin=None,
+    )
+
+
 def run_synth(argv: list[str]) -> int:
     """``python -m pipeline synth --out DIR``: write a synthetic dataset in the Kaggle layout."""
     from pipeline.synth import SynthConfig, generate_dataset
@@ -204,9 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.tune import main as tune_main
 
         return tune_main(rest)
+    if command == "predict":
+        from pipeline.predict import main as predict_main
+
+        return predict_main(rest)
+    if command == "merge":
+        from pipeline.parts import main as merge_main
+
+        return merge_main(rest)
     if command == "run":
         return run_main_job(rest)
-    print(f"error: unknown command {command!r}; use run, synth, score or tune", file=sys.stderr)
+    print(f"error: unknown command {command!r}; use run, synth, score, tune, predict or merge", file=sys.stderr)
     return 2
 
 
