@@ -251,12 +251,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {b!r} there, {a!r} now"
+def _differences(now: Any, old: Any, prefix: str = "") -> list[str]:
+    """The leaves where two manifests differ, as ``key: <old> there, <new> now`` (paths last: a moved input is the
+    least telling difference)."""
+    if isinstance(now, dict) and isinstance(old, dict):
+        keys = sorted(set(now) | set(old), key=lambda k: (k == "path", k))
+        return [d for k in keys if now.get(k) != old.get(k) for d in _differences(now.get(k), old.get(k), f"{prefix}{k}.")]
+    return [f"{prefix.rstrip('.')}: {old!r} there, {now!r} now"]
 
 
 def _format_eta(seconds: float) -> str:
@@ -369,7 +370,7 @@ class StreamingPredictor:
         if old != key:
             what = "another volume" if old.get("input") != key["input"] else "another model or other settings"
             msg = (
-                f"{out}: holds blocks of {what} ({_first_difference(key, old)}); "
+                f"{out}: holds blocks of {what} ({'; '.join(_differences(key, old))}); "
                 "use another --output, or delete it to start over"
             )
             raise PredictError(msg)
