@@ -19,7 +19,8 @@ How it stays exact and bounded:
   (a hash of its weights) and every setting that changes the output; a rerun with another input or model is refused
   with one line, so an output never mixes blocks of two runs;
 - ``--num_parts N --part_id I`` gives part ``I`` the blocks ``I, I + N, ...`` (raster order); the parts may run on
-  different machines writing to one shared output (each block owns whole chunks);
+  different machines writing to one shared output (each block owns whole chunks); under torchrun the ranks of a
+  machine split its part again (``torchrun --nproc_per_node=G -m pipeline predict ...``: one GPU per rank);
 - post-processing (threshold, closing, hole plugging, small-component removal) is **block-local**: it runs on each
   block alone, so a component that crosses a block border is measured per block. Use a block larger than the
   structures ``min_size`` targets, or post-process the mask afterwards.
@@ -537,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from pipeline.distributed import get_rank, get_world_size
     from transforms.postprocess import build_postprocessing
 
     try:
@@ -552,10 +554,15 @@ def main(argv: list[str] | None = None) -> int:
             block_size=_triple(args.block_size), chunk_size=_triple(args.chunk_size),
             probabilities=args.probabilities, cache_bytes=args.cache_mb << 20,
         )
+        if not (args.num_parts >= 1 and 0 <= args.part_id < args.num_parts):
+            msg = f"--part_id {args.part_id} outside 0..{args.num_parts - 1} (--num_parts {args.num_parts})"
+            raise PredictError(msg)
+        # under torchrun each rank takes its own blocks of this machine's part (blocks are independent: no group)
+        world, rank = get_world_size(), get_rank()
         folder = len(inputs) > 1 or inputs[0] != Path(args.input)
         for path in inputs:
             out = Path(args.output) / f"{path.name.split('.', 1)[0]}.zarr" if folder else Path(args.output)
-            predictor.predict(path, out, num_parts=args.num_parts, part_id=args.part_id)
+            predictor.predict(path, out, num_parts=args.num_parts * world, part_id=args.part_id * world + rank)
             print(out)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -87,3 +87,23 @@ def test_parts_then_merge_equal_one_process(single, tiny_dataset, tiny_model_dir
     for d in dirs:
         for case, mask in _masks(Path(d)).items():
             assert np.array_equal(mask, single[case]), case
+
+
+def test_main_job_runs_inference_on_nproc_ranks(monkeypatch):
+    import argparse
+
+    from pipeline import __main__ as cli
+    from pipeline import launch
+
+    seen = {}
+
+    def fake_run(cmd, env, check):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    args = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None)
+    assert cli._infer({"num_parts": 2, "part_id": 1}, args) == 0
+    cmd = " ".join(seen["cmd"])
+    assert "--nproc_per_node=2" in cmd and " run inference " in cmd and "--num_parts=2" in cmd
+    assert "multi_gpu_train.yaml" not in cmd and str(INFER) in cmd  # the training mixin stays out of inference
