@@ -6,10 +6,12 @@
    largest probability difference;
 2. memory: peak RSS of streaming prediction (each in a fresh process) on synthetic ``--rss_sizes`` zarr volumes,
    with a small network (memory does not depend on the network's depth);
-3. ranks: test-set inference through the bundle (``monai.bundle run inference``) in 1 process x 2 threads against
-   torchrun with 2 gloo processes x 1 thread, on a synthetic test set, wall time including start-up.
+3. ranks: test-set inference through the bundle (``monai.bundle run inference``) in 1 process against torchrun with
+   ``--rank_nproc`` ranks (CPU: the cores shared out as threads, gloo; GPU: one GPU per rank), on a synthetic test
+   set, wall time including start-up, and whether the masks are byte-equal.
 
     nice -n 10 python bench/bench_infer.py [--size 320] [--rss_sizes 512 1024] [--channels 4 8 16] [--skip ...]
+    python bench/bench_infer.py --skip speed rss --rank_nproc "$(nvidia-smi -L | wc -l)"   # 1 vs all GPUs
 
 Outputs go to a temporary folder under ``--workdir`` (default: the system's), removed at the end.
 """
@@ -142,9 +144,12 @@ def bench_ranks(args: argparse.Namespace, work: Path) -> None:
                  "amp": False, "tta": False, "patch_size": [args.roi] * 3}
     cli = [f"--{k}={v!r}" for k, v in overrides.items()]
     times, masks = {}, {}
+    cores, n = os.cpu_count() or 1, args.rank_nproc
+    device = "GPU" if torch.cuda.is_available() else "thread"
     for name, prefix, threads in (
-        ("1 process x 2 threads", [sys.executable], "2"),
-        ("2 gloo ranks x 1 thread", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "1"),
+        (f"1 process x {cores if device == 'thread' else 1} {device}", [sys.executable], str(cores)),
+        (f"{n} ranks x {max(1, cores // n) if device == 'thread' else 1} {device}",
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"], str(max(1, cores // n))),
     ):
         out = work / f"ranks_{threads}"
         cmd = [*prefix, "-m", "monai.bundle", "run", "inference", "--config_file", str(REPO / "bundle/configs/inference.yaml"),
@@ -176,6 +181,7 @@ def main() -> None:
     parser.add_argument("--rss_overlap", type=float, default=0.25)
     parser.add_argument("--rank_volumes", type=int, default=4)
     parser.add_argument("--rank_size", type=int, default=128)
+    parser.add_argument("--rank_nproc", type=int, default=2, help="ranks against 1 process (on GPUs: one per GPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "rss", "ranks"])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()

@@ -151,7 +151,10 @@ class BlockwiseSlidingWindow:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.element_size() * old.nelement()
 
-    def _run(self, batch: list[np.ndarray], flip: tuple[int, ...]) -> torch.Tensor:
+    def _run(self, batch: list[np.ndarray], flip: tuple[int, ...]) -> list[torch.Tensor]:
+        # padded to a full batch: a window's output then never depends on how many windows shared its pass
+        n = len(batch)
+        batch = batch + [np.zeros_like(batch[0])] * (self.sw_batch_size - n)
         dims = [d + 2 for d in flip]
         x = torch.from_numpy(np.stack(batch)[:, None]).to(self.device)
         if dims:
@@ -161,8 +164,9 @@ class BlockwiseSlidingWindow:
         out = out.float()
         if dims:
             out = torch.flip(out, dims)
-        self.windows_run += len(batch)
-        return out.cpu()
+        self.windows_run += n
+        # one tensor per window (not views of the batch), so the cache's byte count is what it holds
+        return [o.clone() for o in out[:n].cpu()]
 
     def predict(self, read: Reader, shape: Sequence[int], block: Sequence[slice]) -> np.ndarray:
         """Probabilities of ``block``, shaped ``(C, *block)`` float32.
@@ -181,33 +185,37 @@ class BlockwiseSlidingWindow:
         halo = np.zeros([b - a for a, b in zip(h_lo, h_hi)], dtype=np.float32)
         inner = tuple(slice(max(a, 0), min(b, int(s))) for a, b, s in zip(h_lo, h_hi, shape))
         halo[tuple(slice(i.start - a, i.stop - a) for i, a in zip(inner, h_lo))] = read(inner)
+        weight = self._weight(self.roi)
         total: torch.Tensor | None = None
         for flip in self.flips:
             starts = list(itertools.product(*touching[flip]))
-            outputs: dict[tuple[int, ...], torch.Tensor] = {}
-            todo = []
+            # cached outputs are pinned for this block: the ones computed below may evict them from the cache
+            hits = {st: self._cache[(flip, st)] for st in starts if (flip, st) in self._cache}
+            for st in hits:
+                self._cache.move_to_end((flip, st))
+            todo = [st for st in starts if st not in hits]
+            pending: dict[tuple[int, ...], torch.Tensor] = {}
+            num = den = None
+            # summed in the grid's order whatever was cached, and each window run in a full batch (padded), so a
+            # block's result does not depend on what ran before it (a resumed run equals an uninterrupted one)
             for st in starts:
-                key = (flip, st)
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    outputs[st] = self._cache[key]
+                if st in hits:
+                    out = hits.pop(st)
                 else:
-                    todo.append(st)
-            for i in range(0, len(todo), self.sw_batch_size):
-                chunk = todo[i : i + self.sw_batch_size]
-                patches = [halo[tuple(slice(s - a, s - a + r) for s, a, r in zip(st, h_lo, self.roi))] for st in chunk]
-                for st, out in zip(chunk, self._run(patches, flip)):
-                    outputs[st] = out
-                    self._remember((flip, st), out)
-            weight = self._weight(self.roi)
-            channels = next(iter(outputs.values())).shape[0]
-            num = torch.zeros((channels, *(b - a for a, b in zip(lo, hi))), dtype=torch.float32)
-            den = torch.zeros((1, *num.shape[1:]), dtype=torch.float32)
-            for st in starts:
+                    if st not in pending:
+                        chunk, todo = todo[: self.sw_batch_size], todo[self.sw_batch_size :]
+                        patches = [halo[tuple(slice(s - a, s - a + r) for s, a, r in zip(c, h_lo, self.roi))] for c in chunk]
+                        for c, o in zip(chunk, self._run(patches, flip)):
+                            pending[c] = o
+                            self._remember((flip, c), o)
+                    out = pending.pop(st)
+                if num is None:
+                    num = torch.zeros((out.shape[0], *(b - a for a, b in zip(lo, hi))), dtype=torch.float32)
+                    den = torch.zeros((1, *num.shape[1:]), dtype=torch.float32)
                 src = tuple(slice(max(a - s, 0), min(b - s, r)) for s, a, b, r in zip(st, lo, hi, self.roi))
                 dst = tuple(slice(max(s - a, 0), min(s + r, b) - a) for s, a, b, r in zip(st, lo, hi, self.roi))
                 w = weight[src]
-                num[(slice(None), *dst)] += outputs[st][(slice(None), *src)] * w
+                num[(slice(None), *dst)] += out[(slice(None), *src)] * w
                 den[(slice(None), *dst)] += w
             probs = torch.sigmoid(num / den)
             total = probs if total is None else total.add_(probs)

@@ -99,8 +99,17 @@ class VolumeSource:
         return np.dtype(self.array.dtype)
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        """The voxels of ``region`` (three slices) as a numpy array of the stored dtype."""
-        return np.asarray(self.array[(*self.lead, *region)])
+        """The voxels of ``region`` (three slices) as a numpy array of the stored dtype.
+
+        Raises:
+            PredictError: a chunk that cannot be read or decoded (truncated or corrupt store).
+        """
+        try:
+            return np.asarray(self.array[(*self.lead, *region)])
+        except Exception as e:  # codecs and stores raise many types; the line must name the volume and region
+            where = ", ".join(f"{r.start}:{r.stop}" for r in region)
+            msg = f"{self.path}: cannot read region [{where}] ({type(e).__name__}: {e})"
+            raise PredictError(msg) from e
 
     def close(self) -> None:
         if self.closer is not None:
