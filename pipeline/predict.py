@@ -353,7 +353,8 @@ class StreamingPredictor:
         path = out / MANIFEST
         if path.is_file():
             return self._check_manifest(out, key)
-        if out.exists() and any(out.iterdir()):
+        # another part's manifest being written (its temporary file) is not a foreign output
+        if out.exists() and any(not p.name.startswith(f".{MANIFEST}.") for p in out.iterdir()):
             msg = f"{out}: exists and is not an output of predict (no {MANIFEST}); choose another --output"
             raise PredictError(msg)
         mean, std = volume_stats(source, self.chunk_size)
