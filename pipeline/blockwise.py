@@ -168,13 +168,17 @@ class BlockwiseSlidingWindow:
         # one tensor per window (not views of the batch), so the cache's byte count is what it holds
         return [o.clone() for o in out[:n].cpu()]
 
-    def predict(self, read: Reader, shape: Sequence[int], block: Sequence[slice]) -> np.ndarray:
+    def predict(
+        self, read: Reader, shape: Sequence[int], block: Sequence[slice], mean: float = 0.0, std: float = 1.0
+    ) -> np.ndarray:
         """Probabilities of ``block``, shaped ``(C, *block)`` float32.
 
         Args:
-            read: returns the normalised float32 input of a region (slices inside the volume).
+            read: returns the input of a region (slices inside the volume), any real dtype.
             shape: the whole volume's shape (Z, Y, X).
             block: the output region, one slice per axis with explicit start and stop.
+            mean: subtracted from the input (``NormalizeIntensity``'s z-score, in float32, in place).
+            std: the input is divided by it after ``mean`` is subtracted.
         """
         lo = [int(s.start) for s in block]
         hi = [int(s.stop) for s in block]
@@ -184,7 +188,11 @@ class BlockwiseSlidingWindow:
         h_hi = [max(max(t[d]) for t in touching.values()) + r for d, r in zip(range(3), self.roi)]
         halo = np.zeros([b - a for a, b in zip(h_lo, h_hi)], dtype=np.float32)
         inner = tuple(slice(max(a, 0), min(b, int(s))) for a, b, s in zip(h_lo, h_hi, shape))
-        halo[tuple(slice(i.start - a, i.stop - a) for i, a in zip(inner, h_lo))] = read(inner)
+        # normalised in place: the zero padding outside the volume stays 0, as MONAI pads after normalising
+        view = halo[tuple(slice(i.start - a, i.stop - a) for i, a in zip(inner, h_lo))]
+        view[...] = read(inner)
+        view -= np.float32(mean)
+        view /= np.float32(std)
         weight = self._weight(self.roi)
         total: torch.Tensor | None = None
         for flip in self.flips:
@@ -217,6 +225,7 @@ class BlockwiseSlidingWindow:
                 w = weight[src]
                 num[(slice(None), *dst)] += out[(slice(None), *src)] * w
                 den[(slice(None), *dst)] += w
-            probs = torch.sigmoid(num / den)
+            probs = num.div_(den).sigmoid_()
+            del den
             total = probs if total is None else total.add_(probs)
         return total.div_(len(self.flips)).numpy()

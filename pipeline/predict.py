@@ -439,12 +439,9 @@ class StreamingPredictor:
             len(blocks), part_id, num_parts, len(blocks) - len(todo),
         )
 
-        def read(region: tuple[slice, ...]) -> np.ndarray:
-            return (source.read(region).astype(np.float32) - np.float32(mean)) / np.float32(std)
-
         start, voxels = time.monotonic(), 0
         for n, (index, block) in enumerate(todo, 1):
-            probs = self.window.predict(read, source.shape, block)
+            probs = self.window.predict(source.read, source.shape, block, mean, std)
             mask = np.asarray(self.postprocess(probs))
             try:
                 arrays["mask"][block] = mask.reshape(mask.shape[-3:]).astype(np.uint8)
