@@ -165,8 +165,10 @@ class BlockwiseSlidingWindow:
         if dims:
             out = torch.flip(out, dims)
         self.windows_run += n
-        # one tensor per window (not views of the batch), so the cache's byte count is what it holds
-        return [o.clone() for o in out[:n].cpu()]
+        # weighted once here, as MONAI does (output * importance map), not once per block the window touches; one
+        # tensor per window (not views of the batch), so the cache's byte count is what it holds
+        weight = self._weight(self.roi)
+        return [o * weight for o in out[:n].cpu()]
 
     def predict(
         self, read: Reader, shape: Sequence[int], block: Sequence[slice], mean: float = 0.0, std: float = 1.0
@@ -222,9 +224,8 @@ class BlockwiseSlidingWindow:
                     den = torch.zeros((1, *num.shape[1:]), dtype=torch.float32)
                 src = tuple(slice(max(a - s, 0), min(b - s, r)) for s, a, b, r in zip(st, lo, hi, self.roi))
                 dst = tuple(slice(max(s - a, 0), min(s + r, b) - a) for s, a, b, r in zip(st, lo, hi, self.roi))
-                w = weight[src]
-                num[(slice(None), *dst)] += out[(slice(None), *src)] * w
-                den[(slice(None), *dst)] += w
+                num[(slice(None), *dst)] += out[(slice(None), *src)]
+                den[(slice(None), *dst)] += weight[src]
             probs = num.div_(den).sigmoid_()
             del den
             total = probs if total is None else total.add_(probs)
