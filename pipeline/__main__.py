@@ -4,6 +4,8 @@
     python -m pipeline synth --out DIR [--seed S]
     python -m pipeline score --pred submission.zip --labels DIR [--json] [--topo_mode exact|fast]   # exact by default
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
+    python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
+    python -m pipeline merge --pred_dir DIR [DIR ...] [--dataset_dir DIR] [--output submission.zip]
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
 train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it.
@@ -36,7 +38,7 @@ INFER_CONFIG = CONFIGS / "inference.yaml"
 MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
 
-COMMANDS = ("run", "synth", "score", "tune")
+COMMANDS = ("run", "synth", "score", "tune", "predict", "merge")
 
 logger = logging.getLogger("pipeline")
 
@@ -160,8 +162,14 @@ def run_main_job(argv: list[str]) -> int:
     if model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
-    with _Stage(f"predicting {n_test} test volumes"):
-        _bundle_run("inference", INFER_CONFIG, route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG))
+    with _Stage(f"predicting {n_test} test volumes") as stage:
+        rc = _infer(route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG), args)
+        if rc != 0:
+            stage.what = f"prediction failed (exit code {rc})"
+    if rc != 0:
+        print(f"error: prediction failed (exit code {rc}; rank logs in {Path(args.output_dir) / 'logs'})",
+              file=sys.stderr)
+        return rc
     print(_summary(time.monotonic() - start, root, Path(args.output_dir), Path(args.ckpt_dir), model))
     return 0
 
@@ -219,6 +227,19 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
     )
 
 
+def _infer(overrides: dict[str, Any], args: argparse.Namespace) -> int:
+    """Inference in this process, or under torchrun on ``--nproc`` processes (default: every GPU) and nodes."""
+    from pipeline import launch
+
+    if (args.nproc or launch.default_nproc()) == 1 and args.nnodes == 1:
+        _bundle_run("inference", INFER_CONFIG, overrides)
+        return 0
+    return launch.launch(
+        [str(INFER_CONFIG)], "inference", overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint, mixin=None,
+    )
+
+
 def run_synth(argv: list[str]) -> int:
     """``python -m pipeline synth --out DIR``: write a synthetic dataset in the Kaggle layout."""
     args = cli.synth_parser().parse_args(argv)
@@ -249,11 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.tune import main as tune_main
 
         return tune_main(rest)
+    if command == "predict":
+        cli.predict_parser().parse_known_args(rest)  # --help and argument errors before torch is imported
+        from pipeline.predict import main as predict_main
+
+        return predict_main(rest)
+    if command == "merge":
+        cli.merge_parser().parse_args(rest)
+        from pipeline.parts import main as merge_main
+
+        return merge_main(rest)
     if command == "run":
         from pipeline.errors import run_reporting_errors
 
         return run_reporting_errors(run_main_job, rest)  # any failure: one `error:` line last, non-zero exit
-    print(f"error: unknown command {command!r}{cli.suggest(command, COMMANDS)}; use run, synth, score or tune "
+    print(f"error: unknown command {command!r}{cli.suggest(command, COMMANDS)}; use {', '.join(COMMANDS)} "
           "(python -m pipeline --help)", file=sys.stderr)
     return 2
 

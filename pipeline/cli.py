@@ -24,6 +24,8 @@ __all__ = [
     "check_bundle_cli",
     "config_keys",
     "main_parser",
+    "merge_parser",
+    "predict_parser",
     "score_parser",
     "suggest",
     "synth_parser",
@@ -45,6 +47,8 @@ commands:
   synth     write a synthetic dataset in the Kaggle layout      python -m pipeline synth --help
   score     competition score of predicted masks vs labels      python -m pipeline score --help
   tune      sweep threshold + post-processing on validation     python -m pipeline tune --help
+  predict   stream a large volume (zarr/TIFF) block by block    python -m pipeline predict --help
+  merge     zip and check the parts of a --num_parts run        python -m pipeline merge --help
 
 bundle settings: any key of bundle/configs/train.yaml, multi_gpu_train.yaml or inference.yaml, as --key value
 (or --key=value); values are Python/YAML literals, nested keys use '#'. A key no config has is refused, with
@@ -64,7 +68,7 @@ def main_parser() -> argparse.ArgumentParser:
     """The main job's parser (``python -m pipeline [options] [--<bundle key> VALUE ...]``)."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline",
-        usage="python -m pipeline [synth|score|tune] [options] [--<bundle key> VALUE ...]",
+        usage="python -m pipeline [synth|score|tune|predict|merge] [options] [--<bundle key> VALUE ...]",
         description="Check the dataset, train (or resume; skipped when checkpoint_final.pt holds the configured "
         "epochs), then predict the test volumes and write submission.zip.",
         epilog=_MAIN_EPILOG,
@@ -79,7 +83,7 @@ def main_parser() -> argparse.ArgumentParser:
                    help="where the synthetic default dataset is generated when no --dataset_dir is given "
                    "(default: %(default)s)")
     p.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
-    p.add_argument("--nproc", type=int, default=None, help="processes for DDP training (default: all GPUs)")
+    p.add_argument("--nproc", type=int, default=None, help="processes for DDP training and inference (default: all GPUs)")
     p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node job; run the command on each")
     p.add_argument("--node_rank", type=int, default=0, help="this machine's index in a multi-node job, 0..nnodes-1")
     p.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
@@ -240,3 +244,36 @@ def check_bundle_cli(argv: list[str] | None = None) -> None:
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline predict``'s parser; other ``--key value`` pairs override inference.yaml's keys."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline predict",
+        description="Streaming prediction of volumes larger than memory, block by block, resumable.",
+        epilog="Other --key value pairs override inference.yaml's keys (patch_size, tta, threshold, ...).",
+    )
+    p.add_argument("--input", required=True, help="zarr array, OME-Zarr, 3D TIFF, or a folder of them")
+    p.add_argument("--output", required=True, help="output zarr (a folder of <name>.zarr for a folder input)")
+    p.add_argument("--model_path", default=None, help="weights (default: inference.yaml's model_path)")
+    p.add_argument("--num_parts", type=int, default=1, help="split the blocks over this many machines")
+    p.add_argument("--part_id", type=int, default=0, help="this machine's part, 0 .. num_parts - 1")
+    p.add_argument("--block_size", type=int, nargs="+", default=[256], help="block (Z Y X, or one for all)")
+    p.add_argument("--chunk_size", type=int, nargs="+", default=[128], help="output chunk (Z Y X, or one)")
+    p.add_argument("--probabilities", choices=("none", "uint8", "float16"), default="none",
+                   help="also write probabilities in this dtype")
+    p.add_argument("--cache_mb", type=int, default=1024, help="memory for window outputs shared by blocks")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline merge``'s parser."""
+    p = argparse.ArgumentParser(prog="python -m pipeline merge", description="Zip and check the parts' masks.")
+    p.add_argument("--pred_dir", nargs="+", default=[str(REPO / "outputs" / "predictions")],
+                   help="the parts' predictions folders (default: %(default)s)")
+    p.add_argument("--dataset_dir", default=None, help="the test set the parts predicted; default: synthetic")
+    p.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"),
+                   help="the synthetic default dataset (default: %(default)s)")
+    p.add_argument("--output", default=str(REPO / "outputs" / "submission.zip"),
+                   help="the submission to write (default: %(default)s)")
+    return p

@@ -105,6 +105,7 @@ def launch(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    mixin: str | os.PathLike | None = MULTI_GPU_CONFIG,
 ) -> int:
     """Run ``run_id`` of the bundle on every GPU of every node, or in this process where there is one device.
 
@@ -121,6 +122,8 @@ def launch(
         node_rank: this machine's index.
         rdzv_endpoint: ``host:port`` of the rendezvous, required with ``nnodes`` > 1.
         max_restarts: torchrun restarts of the worker group after a failure (resuming from checkpoints).
+        mixin: the config appended under DDP (the training mixin); None for configs that handle torchrun themselves
+            (inference.yaml).
 
     Returns:
         The exit status: torchrun's under DDP (non-zero when any rank failed), 0 after an in-process run.
@@ -139,14 +142,15 @@ def launch(
         msg = f"nproc={nproc}: need at least one process"
         raise ValueError(msg)
     configs = [str(c) for c in config_files]
-    multi = any(Path(c).resolve() == MULTI_GPU_CONFIG for c in configs)
+    mixin = Path(mixin).resolve() if mixin is not None else None
+    multi = any(Path(c).resolve() == mixin for c in configs)
     if nproc == 1 and nnodes == 1 and not multi:
         from monai.bundle import run
 
         run(run_id, config_file=configs[0] if len(configs) == 1 else configs, **overrides)
         return 0
-    if not multi:
-        configs.append(str(MULTI_GPU_CONFIG))
+    if mixin is not None and not multi:
+        configs.append(str(mixin))
     cmd = torchrun_command(configs, run_id, overrides, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -25,7 +25,7 @@ from transforms.io import case_id, read_volume_shape, write_volume
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["SubmissionError", "check_submission", "write_submission_zip", "SubmissionWriter"]
+__all__ = ["SubmissionError", "check_submission", "remove_stale_outputs", "write_submission_zip", "SubmissionWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +101,38 @@ def write_submission_zip(
     return zip_path
 
 
+def remove_stale_outputs(pred_dir: str | os.PathLike, zip_path: str | os.PathLike | None) -> None:
+    """Remove an earlier run's ``submission.zip`` (a failed run must not leave an older zip that looks current)
+    and the temporary files a killed run left in ``pred_dir`` and beside the zip.
+
+    Under several ranks call it on one rank before any rank writes (``pipeline.parts.run_inference`` does), or
+    it could remove another rank's write in flight.
+    """
+    pred_dir = Path(pred_dir)
+    stale = list(pred_dir.glob(".*.tmp")) if pred_dir.is_dir() else []
+    if zip_path is not None:
+        zip_path = Path(zip_path)
+        stale += [zip_path, *zip_path.parent.glob(f".{zip_path.name}*.tmp")]
+    for path in stale:
+        if path.is_file():
+            logger.info("removing %s, left by an earlier run", path)
+            path.unlink(missing_ok=True)
+
+
 class SubmissionWriter:
     """Ignite handler for the inference evaluator: writes each prediction as ``<pred_dir>/<id>.tif`` (uint8,
     the input's shape) as it is made, and ``submission.zip`` when the run completes.
 
-    When the run starts, the ``submission.zip`` of an earlier run is removed (a failed run must not leave an older
-    zip that looks current) with the temporary files a killed run left in ``pred_dir`` and beside the zip.
+    When the run starts (``clean_on_start``), the ``submission.zip`` of an earlier run is removed with the temporary
+    files a killed run left in ``pred_dir`` and beside the zip (``remove_stale_outputs``).
 
     Args:
         pred_dir: folder for the per-volume masks.
         zip_path: the submission zip; None writes the masks only.
         datalist: the test cases (dicts with ``image``); gives the ids and shapes the zip is checked against.
         output_key: key of the (post-processed) mask in each decollated output item.
+        clean_on_start: remove stale outputs when the run starts; False where the caller cleans before several
+            ranks start (``pipeline.parts.run_inference``).
 
     Example::
 
@@ -126,7 +146,9 @@ class SubmissionWriter:
         zip_path: str | os.PathLike | None,
         datalist: Sequence[Mapping[str, str]],
         output_key: str = Keys.PRED,
+        clean_on_start: bool = True,
     ) -> None:
+        self.clean_on_start = clean_on_start
         self.pred_dir = Path(pred_dir)
         self.zip_path = Path(zip_path) if zip_path else None
         self.expected = {case_id(c["image"]): read_volume_shape(c["image"]) for c in datalist}
@@ -135,19 +157,14 @@ class SubmissionWriter:
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self.remove_stale)
+        if self.clean_on_start:
+            engine.add_event_handler(Events.STARTED, self.remove_stale)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_batch)
         engine.add_event_handler(Events.COMPLETED, self.write_zip)
 
     def remove_stale(self, engine: Engine | None = None) -> None:
         """Remove an earlier run's zip and the temporary files of interrupted writes."""
-        stale = list(self.pred_dir.glob(".*.tmp")) if self.pred_dir.is_dir() else []
-        if self.zip_path is not None:
-            stale += [self.zip_path, *self.zip_path.parent.glob(f".{self.zip_path.name}*.tmp")]
-        for path in stale:
-            if path.is_file():
-                logger.info("removing %s, left by an earlier run", path)
-                path.unlink(missing_ok=True)
+        remove_stale_outputs(self.pred_dir, self.zip_path)
 
     def write_batch(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]

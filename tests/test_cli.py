@@ -39,6 +39,9 @@ def _probe(*args: str) -> subprocess.CompletedProcess:
         (["synth", "--help"], 0, "--n_train"),
         (["score", "--help"], 0, "--labels"),
         (["tune", "--help"], 0, "--grid_threshold"),
+        (["predict", "--help"], 0, "--num_parts"),
+        (["merge", "--help"], 0, "--pred_dir"),
+        (["predict", "--output", "x.zarr"], 2, "--input"),
         (["--epoch", "3"], 2, "did you mean 'epochs'?"),
         (["--dataset_dir", "/nonexistent/vesuvius"], 2, "/nonexistent/vesuvius: dataset folder not found"),
         (["--nproc", "two"], 2, "invalid int value"),
@@ -56,10 +59,12 @@ def test_answered_before_torch_is_imported(args: list[str], rc: int, expected: s
 def test_main_help_lists_commands_overrides_and_help_for_every_option() -> None:
     parser = cli.main_parser()
     text = parser.format_help()
-    for command in ("synth", "score", "tune"):
+    for command in ("synth", "score", "tune", "predict", "merge"):
         assert f"\n  {command} " in text
     assert "--epochs 200" in text and "--train#dataloader#num_workers 2" in text
-    for parser in (cli.main_parser(), cli.synth_parser(), cli.score_parser(), cli.tune_parser()):
+    parsers = (cli.main_parser(), cli.synth_parser(), cli.score_parser(), cli.tune_parser(), cli.predict_parser(),
+               cli.merge_parser())
+    for parser in parsers:
         for action in parser._actions:
             assert action.help, (parser.prog, action.option_strings)
 
