@@ -101,11 +101,11 @@ def test_main_job_runs_inference_on_nproc_ranks(monkeypatch):
 
     seen = {}
 
-    def fake_run(cmd, env, check):
+    def fake_run(cmd, env):
         seen["cmd"] = cmd
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch, "_run_forwarding_signals", fake_run)
     args = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None)
     assert cli._infer({"num_parts": 2, "part_id": 1}, args) == 0
     cmd = " ".join(seen["cmd"])
