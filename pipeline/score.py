@@ -42,7 +42,7 @@ the program's counts; per octant:
 - An octant where one of these does not apply goes whole to the matcher: the compiled Betti-Matching-3D when
   the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``; one octant at a time),
   else the pure-Python port of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels;
-  larger octants then raise a ``RuntimeError`` saying what to install.
+  larger octants then raise a ``MissingMatcherError`` (a ``RuntimeError``) saying what to install.
 
 Tested equal to the compiled Betti-Matching-3D, count by count, on 56 random model-like volumes
 (``tests/test_score.py``). Time: ``bench/bench_score.py`` prints the exact score next to the matcher run octant
@@ -82,6 +82,7 @@ from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
 from pipeline.betti import exact_counts, load_reference, reference_counts
+from pipeline.errors import MissingMatcherError
 from transforms.io import case_id
 
 __all__ = [
@@ -433,7 +434,7 @@ def _exact_block_counts(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.n
             "(pip install --no-deps topolosses==0.2.0); the Python port is limited to "
             f"{PORT_MAX_VOXELS} voxels per octant. Or use topo_mode='fast' (an estimate)"
         )
-        raise RuntimeError(msg)
+        raise MissingMatcherError(msg)
     return [exact_counts(p, g) for p, g in pairs]
 
 

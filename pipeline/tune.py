@@ -288,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     """
     from pipeline.__main__ import parse_overrides
     from pipeline.cli import tune_parser
-    from pipeline.data import DatasetError
 
     args, rest = tune_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = parse_overrides(rest)
@@ -311,10 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset)
-        if not isinstance(e.__cause__, (FileNotFoundError, DatasetError)):
+        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset); the exact score names
+        # the compiled matcher it needs (MissingMatcherError)
+        from pipeline.errors import find_user_error
+
+        user = find_user_error(e) or (e.__cause__ if isinstance(e.__cause__, FileNotFoundError) else None)
+        if user is None:
             raise
-        print(f"error: {e.__cause__}", file=sys.stderr)
+        print(f"error: {user}", file=sys.stderr)
         return 2
     default_row = next(row for row in rows if all(row[k] == default[k] for k in SETTING_KEYS))
     best = rows[0]
