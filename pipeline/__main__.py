@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib
 import logging
 import sys
 import time
@@ -255,31 +256,25 @@ def run_synth(argv: list[str]) -> int:
     return 0
 
 
+# command -> (its light parser, whether it takes --<bundle key> overrides, the module whose main() runs it)
+_SUBCOMMANDS = {
+    "score": (cli.score_parser, False, "pipeline.score"),
+    "tune": (cli.tune_parser, True, "pipeline.tune"),
+    "predict": (cli.predict_parser, True, "pipeline.predict"),
+    "merge": (cli.merge_parser, False, "pipeline.parts"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("run", argv)
     if command == "synth":
         return run_synth(rest)
-    if command == "score":
-        cli.score_parser().parse_args(rest)  # --help and argument errors before torch is imported
-        from pipeline.score import main as score_main
-
-        return score_main(rest)
-    if command == "tune":
-        cli.tune_parser().parse_known_args(rest)
-        from pipeline.tune import main as tune_main
-
-        return tune_main(rest)
-    if command == "predict":
-        cli.predict_parser().parse_known_args(rest)  # --help and argument errors before torch is imported
-        from pipeline.predict import main as predict_main
-
-        return predict_main(rest)
-    if command == "merge":
-        cli.merge_parser().parse_args(rest)
-        from pipeline.parts import main as merge_main
-
-        return merge_main(rest)
+    if command in _SUBCOMMANDS:
+        parser, overrides, module = _SUBCOMMANDS[command]
+        # --help and argument errors answered before torch is imported
+        parser().parse_known_args(rest) if overrides else parser().parse_args(rest)
+        return importlib.import_module(module).main(rest)
     if command == "run":
         from pipeline.errors import run_reporting_errors
 
