@@ -111,7 +111,7 @@ def normalize_settings(
         "channels": channels,
         "strides": strides,
         "num_res_units": int(num_res_units),
-        "deep_supervision": bool(deep_supervision),
+        "deep_supervision": bool(deep_supervision) and arch == "dynunet",  # the others have no heads
         "in_channels": int(in_channels),
         "out_channels": int(out_channels),
     }
