@@ -79,7 +79,7 @@ def main() -> None:
     common = {**overrides, "model_path": str(model_path), "output_dir": str(out / "eval")}
 
     config = load_config(common)
-    default = {key: config.get_parsed_content(key) for key in SETTING_KEYS}
+    default = {key: config.get_parsed_content("model_plans")["postprocessing"][key] for key in SETTING_KEYS}
     settings = SweepGrid().settings(default)
     if RAW not in settings:
         settings.append(RAW)

@@ -8,7 +8,8 @@
     python -m pipeline merge --pred_dir DIR [DIR ...] [--dataset_dir DIR] [--output submission.zip]
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
-train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it.
+train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it,
+except that the network keys and ``patch_size`` go to training only: inference reads them from the model file.
 It announces each stage with its time and ends with a list of everything it wrote.
 
 Parsing (``--help``, argument errors, unknown keys) happens before torch and MONAI are imported: it answers at once.
@@ -40,6 +41,9 @@ MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
 
 COMMANDS = ("run", "synth", "score", "tune", "predict", "merge")
+# what inference reads from the model file's plans (pipeline/plans.py): given to training only, never twice
+FROM_MODEL_FILE = ("architecture", "deep_supervision", "network_channels", "network_strides", "num_res_units",
+                   "patch_size")
 
 logger = logging.getLogger("pipeline")
 
@@ -164,7 +168,8 @@ def run_main_job(argv: list[str]) -> int:
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
     with _Stage(f"predicting {n_test} test volumes") as stage:
-        rc = _infer(route_overrides({**common, "check_data": False, **overrides}, INFER_CONFIG), args)
+        infer = {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
+        rc = _infer(route_overrides({**common, "check_data": False, **infer}, INFER_CONFIG), args)
         if rc != 0:
             stage.what = f"prediction failed (exit code {rc})"
     if rc != 0:

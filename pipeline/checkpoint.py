@@ -421,17 +421,19 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
 class TrainingCheckpointer:
     """Saves the full training state by time and by epoch, atomically, and resumes from it exactly.
 
-    Saved: the network, optimizer, LR scheduler, AMP ``GradScaler``, trainer progress (epoch, iteration,
-    epoch_length, max_epochs and the engine's ``state_dict_user_keys``), the evaluator's ``best_metric`` and
-    ``best_metric_epoch``, and every rank's random states (torch CPU/CUDA, numpy, ``random``, the dataset's random
-    transforms, the loader's generators) at the checkpoint and at the start of its epoch.
+    Saved: the network (``"model"``) and its plans (``"plans"``, :mod:`pipeline.plans`), optimizer, LR scheduler,
+    AMP ``GradScaler``, trainer progress (epoch, iteration, epoch_length, max_epochs and the engine's
+    ``state_dict_user_keys``), the evaluator's ``best_metric`` and ``best_metric_epoch``, and every rank's random
+    states (torch CPU/CUDA, numpy, ``random``, the dataset's random transforms, the loader's generators) at the
+    checkpoint and at the start of its epoch.
 
     Resume (``auto_resume=True``, at ``STARTED``): the newest readable checkpoint in ``ckpt_dir`` is restored and
     "Resumed from <file> at epoch E, iteration I" logged. The epoch length is taken from the current data loader,
     not from the file, so a change of dataset size or world size is honoured at an epoch boundary (the iteration
     counter is rebased to ``epoch * new_length``, as ignite requires); a mid-epoch checkpoint whose epoch length
     no longer matches is resumed at the next epoch boundary, with a warning. A ``max_epochs`` larger than the
-    finished run's continues it.
+    finished run's continues it. A checkpoint of another network (its plans' ``network`` differs from this run's)
+    is refused in one line naming the differing settings.
 
     Attach it after every other handler of the trainer (in a bundle, in ``initialize``, after the trainer is
     built): its saves must follow the LR scheduler's step and the validation that updates the best metric.
@@ -450,6 +452,7 @@ class TrainingCheckpointer:
             ``checkpoint_final.pt`` is never removed.
         auto_resume: restore the newest readable checkpoint of ``ckpt_dir`` when the engine starts.
         name: logger name; by default the engine's logger.
+        plans: the model's plans (:func:`pipeline.plans.make_plans`), saved in every checkpoint; None saves none.
 
     Raises:
         ValueError: a negative ``interval_minutes`` or ``every_epochs``, or a ``keep_last`` below 1.
@@ -475,6 +478,7 @@ class TrainingCheckpointer:
         keep_last: int | None = 2,
         auto_resume: bool = True,
         name: str | None = None,
+        plans: dict[str, Any] | None = None,
     ) -> None:
         if interval_minutes is not None and interval_minutes < 0:
             msg = f"interval_minutes must be >= 0 (0 or None disables timed checkpoints), got {interval_minutes}"
@@ -496,6 +500,7 @@ class TrainingCheckpointer:
         self.keep_last = keep_last
         self.auto_resume = auto_resume
         self._name = name
+        self.plans = plans
         self.logger = logging.getLogger(name)
         self._last_save = time.monotonic()
         self._start_iteration = 0
@@ -654,6 +659,7 @@ class TrainingCheckpointer:
         scaler = self.scaler
         ckpt: dict[str, Any] = {
             "model": _unwrap(self.network).state_dict(),
+            "plans": self.plans,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -719,6 +725,16 @@ class TrainingCheckpointer:
                 f"to at least {needed} to continue it, or give this run another ckpt_dir to start afresh"
             )
             raise CheckpointDirError(msg)
+        saved_net = (ckpt.get("plans") or {}).get("network")
+        this_net = (self.plans or {}).get("network")
+        if saved_net is not None and this_net is not None and saved_net != this_net:
+            differ = ", ".join(f"{k} {saved_net.get(k)!r} there, {this_net.get(k)!r} now"
+                               for k in sorted(set(saved_net) | set(this_net)) if saved_net.get(k) != this_net.get(k))
+            msg = (
+                f"{path}: this ckpt_dir holds a run of another network ({differ}); use the same network settings to "
+                "continue it, or give this run another ckpt_dir"
+            )
+            raise CheckpointDirError(msg)
 
         _unwrap(self.network).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -765,28 +781,34 @@ class TrainingCheckpointer:
 
 
 class BestModelSaver:
-    """Writes the network's weights (only) to ``save_path`` whenever the evaluator's key metric reaches a new best.
+    """Writes the network's weights and plans to ``save_path`` whenever the evaluator's key metric reaches a new best.
 
     Unlike ``CheckpointSaver(save_key_metric=True)``, whose best-so-far score starts afresh in every process (a
     resumed run would overwrite a better model with its first validation), this follows the evaluator's own
-    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file
-    is written atomically and loads with ``torch.load(weights_only=True)`` (MONAI ``CheckpointLoader`` with
-    ``load_dict={"model": net}`` reads it).
+    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file,
+    ``{"model": state_dict, "plans": plans}``, is written atomically and loads with ``torch.load(weights_only=True)``
+    (MONAI ``CheckpointLoader`` with ``load_dict={"model": net}`` and ``ckpt_export --key_in_ckpt model`` read the
+    weights; :func:`pipeline.plans.load_model_file` both).
 
     Args:
-        save_path: the weights file, e.g. ``models/model.pt``.
+        save_path: the model file, e.g. ``models/model.pt``.
         network: the model (a DDP/DataParallel wrapper is unwrapped).
         enabled: False builds and attaches nothing that writes (for ranks > 0 under DDP).
+        plans: what rebuilds and feeds the network (:func:`pipeline.plans.make_plans`), saved with the weights.
 
     Example::
 
-        BestModelSaver("models/model.pt", net).attach(evaluator)
+        BestModelSaver("models/model.pt", net, plans=make_plans(net, [64, 64, 64])).attach(evaluator)
     """
 
-    def __init__(self, save_path: str | os.PathLike, network: torch.nn.Module, enabled: bool = True) -> None:
+    def __init__(
+        self, save_path: str | os.PathLike, network: torch.nn.Module, enabled: bool = True,
+        plans: dict[str, Any] | None = None,
+    ) -> None:
         self.save_path = Path(save_path)
         self.network = network
         self.enabled = enabled
+        self.plans = plans
 
     def attach(self, engine: Engine) -> None:
         """Save after each evaluation run; attach after the evaluator is built (MONAI updates the best metric first)."""
@@ -795,7 +817,7 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or engine.state.best_metric_epoch != engine.state.epoch:
             return
-        atomic_save(_unwrap(self.network).state_dict(), self.save_path)
+        atomic_save({"model": _unwrap(self.network).state_dict(), "plans": self.plans}, self.save_path)
         engine.logger.info(
             "saved best model (%s=%.4f at epoch %d) to %s",
             engine.state.key_metric_name, engine.state.best_metric, engine.state.epoch, self.save_path,

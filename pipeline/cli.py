@@ -149,7 +149,8 @@ def tune_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline tune",
         description="Sweep threshold and post-processing on the validation split; print the best setting. Settings are "
         "ranked by the exact competition score (TopoScore with the official Betti-matching counts).",
-        epilog="Other --key value pairs override bundle keys of train.yaml/evaluate.yaml (network, patch_size, ...).",
+        epilog="Other --key value pairs override bundle keys of train.yaml/evaluate.yaml (--model_path, --overlap, "
+        "...); the network and the patch come from the model file.",
     )
     p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: the bundle's (synthetic)")
     p.add_argument("--ckpt_dir", default=None, help="folder of model.pt; default: the bundle's")
@@ -158,6 +159,8 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes scoring settings in parallel")
     p.add_argument("--top", type=int, default=10, help="rows of the printed table")
     p.add_argument("--max_settings", type=int, default=400, help="refuse grids larger than this")
+    p.add_argument("--no_save", action="store_true",
+                   help="print the best setting only; by default it is written into the model file's plans")
     p.add_argument("--grid_threshold", type=_values(float), default=None,
                    help="e.g. 0.3,0.5,0.7 (default: 0.3,0.4,0.5,0.6,0.7,0.8)")
     p.add_argument("--grid_hysteresis_high", type=_values(float), default=None, help="none,0.85 (default: none,0.85)")

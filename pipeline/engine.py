@@ -89,6 +89,10 @@ class Trainer(_ReRaise, SupervisedTrainer):
     """``SupervisedTrainer`` with device-following autocast, a checkpointable ``GradScaler``, ``no_sync``
     gradient accumulation under DDP, and no exception swallowed by an ``EXCEPTION_RAISED`` handler.
 
+    A deeply supervised network's training output (DynUNet: heads stacked on dim 1, one dimension more than the
+    input) goes to the loss whole; after ``LOSS_COMPLETED``, ``state.output["pred"]`` holds the main head only,
+    shaped as the input, for every other handler.
+
     Args:
         args: as ``monai.engines.SupervisedTrainer`` (``amp`` is replaced by the two below).
         amp: mixed precision on the trainer's device (bf16 on CPU, fp16 + GradScaler on CUDA); see ``resolve_amp``.
@@ -142,6 +146,10 @@ class Trainer(_ReRaise, SupervisedTrainer):
                 loss = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
                 engine.state.output[Keys.LOSS] = loss
                 engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            pred = engine.state.output[Keys.PRED]
+            if isinstance(pred, torch.Tensor) and pred.ndim == inputs.ndim + 1:
+                # deep supervision (DynUNet): heads stacked on dim 1 fed the loss; later handlers see the main output
+                engine.state.output[Keys.PRED] = pred[:, 0]
             scaled = loss / acc if acc > 1 else loss
             (engine.scaler.scale(scaled) if engine.scaler is not None else scaled).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

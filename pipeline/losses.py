@@ -1,7 +1,9 @@
-"""Dice + BCE on one-channel logits that ignores an unlabeled label value.
+"""Dice + BCE on one-channel logits that ignores an unlabeled label value, and its deep-supervision wrapper.
 
-MONAI 1.6.1's ``DiceCELoss`` has no ``ignore_index``; this composes ``DiceLoss`` and BCE over the labeled voxels
-only, so label 2 (unlabeled) contributes neither to the loss nor to its gradient.
+MONAI 1.6.1's ``DiceCELoss`` has no ``ignore_index``; :class:`MaskedDiceBCELoss` composes ``DiceLoss`` and BCE over
+the labeled voxels only, so label 2 (unlabeled) contributes neither to the loss nor to its gradient.
+:class:`DeepSupervisionLoss` applies a loss to every head of a deeply supervised network (DynUNet) with nnU-Net's
+weights.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-__all__ = ["MaskedDiceBCELoss"]
+__all__ = ["DeepSupervisionLoss", "MaskedDiceBCELoss", "deep_supervision_weights"]
 
 
 class MaskedDiceBCELoss(nn.Module):
@@ -57,3 +59,71 @@ class MaskedDiceBCELoss(nn.Module):
         dice = self.dice(prob, fg * valid)
         bce = F.binary_cross_entropy_with_logits(logits, fg, weight=valid, reduction="sum") / valid.sum().clamp_min(1.0)
         return self.lambda_dice * dice + self.lambda_bce * bce
+
+
+def deep_supervision_weights(heads: int) -> list[float]:
+    """nnU-Net's deep-supervision weights for ``heads`` outputs, full resolution first.
+
+    Head ``i`` (resolution 1/2^i) weighs 1/2^i, the lowest-resolution head 0, and the weights are normalised to sum
+    to 1 (nnU-Net v2's ``nnUNetTrainer._build_loss``): ``[1.0]`` for one head, ``[1.0, 0.0]`` for two,
+    ``[2/3, 1/3, 0]`` for three, ``[4/7, 2/7, 1/7, 0]`` for four.
+    """
+    if heads < 1:
+        msg = f"deep supervision needs at least one head, got {heads}"
+        raise ValueError(msg)
+    weights = [0.5**i for i in range(heads)]
+    if heads > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """``loss`` over every head of a deeply supervised output, weighted as nnU-Net does; other outputs pass through.
+
+    MONAI's ``DynUNet`` in training mode returns its heads stacked on dim 1, ``(B, H, C, Z, Y, X)``, head 0 the
+    main output, each head already upsampled (nearest neighbour) to the full patch size. Every head is therefore
+    compared with the full-resolution label: label 2 ("ignore") is excluded exactly at every scale, voxel by voxel,
+    and no label is ever down-sampled (nnU-Net down-samples the label instead, which would have to decide what an
+    ignored voxel mixed with labeled ones becomes). An output with the label's number of dimensions (UNet,
+    SegResNet, DynUNet in eval mode) is one head: ``loss(input, target)``.
+
+    MONAI's own ``DeepSupervisionLoss`` takes a list of heads, not the stacked tensor, clamps its weights at 1/16
+    instead of giving the lowest head 0, does not normalise them and down-samples the target: hence this wrapper.
+
+    The zero-weighted head is still computed (times 0), so that its parameters stay in the autograd graph: DDP
+    without ``find_unused_parameters`` requires every parameter to receive a gradient.
+
+    Args:
+        loss: the loss of one head, e.g. :class:`MaskedDiceBCELoss`.
+        weights: per-head weights; default :func:`deep_supervision_weights`.
+
+    Example::
+
+        loss = DeepSupervisionLoss(MaskedDiceBCELoss(ignore_index=2))
+        value = loss(net(x), label)  # net(x): (B, H, 1, Z, Y, X) in training, or (B, 1, Z, Y, X)
+    """
+
+    def __init__(self, loss: nn.Module, weights: list[float] | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weights = list(weights) if weights is not None else None
+
+    def head_weights(self, heads: int) -> list[float]:
+        """The weights of ``heads`` heads."""
+        if self.weights is None:
+            return deep_supervision_weights(heads)
+        if len(self.weights) < heads:
+            msg = f"{heads} deep-supervision heads but only {len(self.weights)} weights given"
+            raise ValueError(msg)
+        return self.weights[:heads]
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        if input.ndim != target.ndim + 1:
+            return self.loss(input, target)
+        heads = input.unbind(dim=1)
+        weights = self.head_weights(len(heads))
+        total = weights[0] * self.loss(heads[0], target)
+        for weight, head in zip(weights[1:], heads[1:]):
+            total = total + weight * self.loss(head, target)
+        return total

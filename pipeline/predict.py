@@ -4,8 +4,9 @@
         [--block_size 256] [--chunk_size 128] [--probabilities none|uint8|float16] [--<inference.yaml key> VALUE ...]
 
 ``PATH`` is a zarr array (v2 or v3), an OME-Zarr image (its full-resolution level), a 3D TIFF (read lazily through
-tifffile's zarr interface) or a folder of them (then ``OUT`` is a folder of ``<name>.zarr``). The network, window,
-TTA and post-processing settings are inference.yaml's, overridable as in the bundle.
+tifffile's zarr interface) or a folder of them (then ``OUT`` is a folder of ``<name>.zarr``). The network, the
+window (the training patch) and the tuned post-processing come from the model file's plans (:mod:`pipeline.plans`);
+overlap, TTA and post-processing overrides are inference.yaml's keys, as in the bundle.
 
 How it stays exact and bounded:
 
@@ -279,8 +280,8 @@ def _format_eta(seconds: float) -> str:
 class StreamingPredictor:
     """Predict volumes block by block into chunked zarr masks, resumably.
 
-    The network is given built (so it can come from a training config or, later, from a model file that carries its
-    own plans); ``model_id`` identifies its weights in the output's manifest.
+    The network is given built (the command line builds it from the model file's plans); ``model_id`` identifies its
+    weights in the output's manifest.
 
     Args:
         network: the model, weights loaded.
@@ -483,10 +484,13 @@ class StreamingPredictor:
 
 
 def _build_from_config(overrides: dict[str, Any], model_path: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network (weights loaded) and settings of inference.yaml with ``overrides``."""
+    """The network (built from the model file's plans, weights loaded) and the settings of inference.yaml with
+    ``overrides`` (the patch and post-processing from the plans unless given)."""
     from monai.bundle import ConfigParser
 
     from pipeline.engine import resolve_amp
+    from pipeline.errors import PipelineError
+    from pipeline.plans import build_from_plans, load_model_file
 
     config = Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.yaml"
     parser = ConfigParser()
@@ -503,17 +507,28 @@ def _build_from_config(overrides: dict[str, Any], model_path: str | None) -> tup
         msg = f"{path}: model not found; train a model first, or give --model_path"
         raise PredictError(msg)
     device = torch.device(parser.get_parsed_content("device"))
-    network = parser.get_parsed_content("network_def")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+        plans = parser.get_parsed_content("model_plans")
+    except RuntimeError as e:  # MONAI wraps what the expression raised: a bad file or a mismatching setting
+        from pipeline.errors import find_user_error
+
+        user = find_user_error(e)
+        if user is None:
+            raise
+        raise PredictError(str(user)) from e
+    try:
+        network = build_from_plans(plans)
+        state, _ = load_model_file(path)
         network.load_state_dict(state)
-    except Exception as e:  # a wrong or truncated file: name it, and what to check
-        msg = f"{path}: cannot load into the configured network ({type(e).__name__}: {str(e).splitlines()[0]}); check the network settings"
+    except PipelineError as e:
+        raise PredictError(str(e)) from e
+    except Exception as e:  # weights that do not fit the network (a weights-only file and other settings)
+        msg = f"{path}: cannot load into the network {plans['network']} ({type(e).__name__}: {str(e).splitlines()[0]}); check the network settings"
         raise PredictError(msg) from e
-    keys = ("patch_size", "overlap", "sw_batch_size", "tta", "tta_axes", "amp", "amp_dtype", "threshold",
-            "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
+    keys = ("overlap", "sw_batch_size", "tta", "tta_axes", "amp", "amp_dtype")
     settings = {k: parser.get_parsed_content(k) for k in keys}
+    settings["patch_size"] = plans["patch_size"]
+    settings.update(plans["postprocessing"])
     settings["device"] = device
     settings["amp_dtype"] = resolve_amp(device, settings["amp"], settings["amp_dtype"])
     return network.to(device), settings

@@ -6,9 +6,12 @@ post-processing and metrics taken off). While a volume's probabilities are in me
 (threshold x hysteresis x closing x hole plugging x minimum component size) is applied to them with
 :func:`transforms.postprocess.build_postprocessing`, exactly as inference does, and scored with
 :func:`pipeline.score.score_volume`. The mean over volumes ranks the settings; the best one is printed as the
-``--key value`` overrides for the inference command, and every row goes to ``<output_dir>/tuning.json``.
+``--key value`` overrides for the inference command, every row goes to ``<output_dir>/tuning.json``, and the best
+setting is written into the model file's plans (atomically; ``--no_save`` leaves the file as it is), so that
+inference, evaluate and predict use it from then on without any override (:mod:`pipeline.plans`). The network and
+the sliding-window roi come from the model file too.
 
-    python -m pipeline tune [--dataset_dir DIR] [--ckpt_dir DIR] [--output_dir DIR] [--tta] [--workers N]
+    python -m pipeline tune [--dataset_dir DIR] [--ckpt_dir DIR] [--output_dir DIR] [--tta] [--workers N] [--no_save]
         [--grid_threshold 0.3,0.5] [--grid_hysteresis_high none,0.85] [--grid_closing_radius 0,1]
         [--grid_plug_holes false,true] [--grid_min_size 0,1000] [--<bundle key> VALUE ...]
 
@@ -22,6 +25,7 @@ import itertools
 import json
 import multiprocessing
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -299,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     given = {name: getattr(args, f"grid_{name}") for name in SweepGrid.__dataclass_fields__}
     grid = SweepGrid(**{name: values for name, values in given.items() if values is not None})
     parser = load_config(overrides)
-    default = {key: parser.get_parsed_content(key) for key in SETTING_KEYS}
     try:
+        plans = parser.get_parsed_content("model_plans")  # the model file's, explicit settings checked or applied
+        default = {key: plans["postprocessing"][key] for key in SETTING_KEYS}
         settings = grid.settings(default)
         if len(settings) > args.max_settings:
             msg = f"the grid has {len(settings)} settings, more than --max_settings {args.max_settings}; shrink it"
@@ -323,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     best = rows[0]
     overrides_text = format_overrides(best)
     output_dir = Path(parser.get_parsed_content("output_dir"))
+    model_path = Path(parser.get_parsed_content("model_path"))
+    tta = bool(parser.get_parsed_content("tta"))
     report = {
-        "model_path": str(parser.get_parsed_content("model_path")),
-        "tta": bool(parser.get_parsed_content("tta")),
+        "model_path": str(model_path),
+        "tta": tta,
         "volumes": sorted(best["volumes"]),
         "grid": asdict(grid),
         "best": best,
@@ -340,4 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best setting:    score {best['score']:.4f} ({best['score'] - default_row['score']:+.4f})")
     print(f"inference overrides: {overrides_text}")
     print(f"all rows: {output_dir / 'tuning.json'}")
+    if args.no_save:
+        print(f"{model_path} left as it is (--no_save): give the overrides above to use the best setting")
+        return 0
+    from pipeline.plans import save_postprocessing
+
+    tuning = {
+        "score": best["score"],
+        "default_score": default_row["score"],
+        "volumes": sorted(best["volumes"]),
+        "tta": tta,
+        "overlap": parser.get_parsed_content("overlap"),
+        "settings_tried": len(settings),
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_postprocessing(model_path, best, tuning, plans=plans)
+    print(f"wrote the best setting into {model_path} (its plans): inference, evaluate and predict use it from now on")
     return 0

@@ -208,5 +208,6 @@ if __name__ == "__main__":
         parser.read_config(str(CONFIGS / "train.yaml"))
         parser.update(TINY_NETWORK)
         (work / "models").mkdir()
-        torch.save(parser.get_parsed_content("network_def").state_dict(), work / "models" / "model.pt")
+        net = parser.get_parsed_content("network_def")
+        torch.save({"model": net.state_dict(), "plans": parser.get_parsed_content("plans")}, work / "models" / "model.pt")
         _sweep(good, work / "models", work / "cases")

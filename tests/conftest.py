@@ -55,7 +55,7 @@ def cli_args(overrides: dict) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A ckpt_dir holding model.pt: a freshly initialised tiny network, as train.yaml builds it."""
+    """A ckpt_dir holding model.pt: a freshly initialised tiny network and its plans, as train.yaml saves them."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -64,5 +64,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     parser.update(TINY_NETWORK)
     torch.manual_seed(0)
     ckpt_dir = tmp_path_factory.mktemp("models")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt_dir / "model.pt")
+    net = parser.get_parsed_content("network_def")
+    torch.save({"model": net.state_dict(), "plans": parser.get_parsed_content("plans")}, ckpt_dir / "model.pt")
     return ckpt_dir

@@ -61,7 +61,13 @@ def test_configs_name_no_file_relative_to_the_working_directory():
         assert '"%' not in path.read_text(), f"{path.name}: a %file macro is read relative to the working directory"
     train = yaml.safe_load(open(CONFIGS / "train.yaml"))
     inference = yaml.safe_load(open(CONFIGS / "inference.yaml"))
-    assert inference["network_def"] == train["network_def"]  # one network, written in both
+    # training builds the network from its keys; inference and evaluation from the model file's plans
+    assert train["network_def"]["_target_"] == "pipeline.networks.build_network"
+    evaluate = yaml.safe_load(open(CONFIGS / "evaluate.yaml"))
+    assert inference["network_def"] == evaluate["network_def"] == "$pipeline.plans.build_from_plans(@model_plans)"
+    # the same resolution of the file's plans in both (evaluate also checks train.yaml's deep_supervision key)
+    assert evaluate["model_plans"] == inference["model_plans"].replace(
+        "'num_res_units': @num_res_units}", "'num_res_units': @num_res_units, 'deep_supervision': @deep_supervision}")
     mixin = yaml.safe_load(open(CONFIGS / "multi_gpu_train.yaml"))["initialize"]
     start = mixin.index(train["initialize"][0])
     assert mixin[start:start + len(train["initialize"])] == train["initialize"]  # train.yaml's initialize, in order

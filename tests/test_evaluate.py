@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from monai.bundle import ConfigParser
 
@@ -35,11 +36,12 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 def test_evaluate_yaml_is_a_mixin_with_inference_defaults():
     evaluate = yaml.safe_load(open(CONFIGS / "evaluate.yaml"))
     assert evaluate["evaluating"] == "@run"
-    # a mixin overrides keys; it never redefines the blocks it inherits
-    for block in ("network_def", "preprocessing", "datalists", "train", "validate"):
+    # a mixin overrides keys; it never redefines the blocks it inherits (network_def: built from the model file)
+    for block in ("preprocessing", "datalists", "train", "validate"):
         assert block not in evaluate, block
     assert "validate#evaluator" not in evaluate and "validate#dataset" not in evaluate
-    keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
+    keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size",
+            "postprocessing_defaults")
     for key in keys:
         assert evaluate[key] == f"$@inference_defaults['{key}']"
     parser = ConfigParser()
@@ -85,9 +87,13 @@ def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny
 
     inference = ConfigParser()
     inference.read_config(str(CONFIGS / "inference.yaml"))
-    keys = ("overlap", "tta", "threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
-    for key in keys:
+    for key in ("overlap", "tta"):
         assert report["settings"][key] == inference.get_parsed_content(key), key
+    # the model file has no tuned post-processing: inference.yaml's defaults, and the network and patch of the file
+    for key, value in inference.get_parsed_content("postprocessing_defaults").items():
+        assert report["settings"][key] == value, key
+    plans = torch.load(tiny_model_dir / "model.pt", weights_only=True)["plans"]
+    assert report["settings"]["network"] == plans["network"] and report["settings"]["patch_size"] == plans["patch_size"]
     assert report["settings"]["model_path"] == str(tiny_model_dir / "model.pt")
 
 

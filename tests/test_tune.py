@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.__main__ import parse_overrides
@@ -29,8 +31,8 @@ DEFAULT = {
     "plug_holes": True,
     "min_size": 0,
 }
-# the post-processing setting inference.yaml ships with
-SHIPPED = {k: v for k, v in yaml.safe_load(open(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.yaml")).items() if k in DEFAULT}
+# the post-processing setting inference.yaml ships with (for a model file tune has not written into)
+SHIPPED = yaml.safe_load(open(CONFIGS / "inference.yaml"))["postprocessing_defaults"]
 
 
 def test_grid_puts_the_default_first_once_and_skips_impossible_hysteresis():
@@ -56,11 +58,14 @@ def test_printed_overrides_parse_back_to_the_setting():
 
 def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny_model_dir, tmp_path, capsys,
                                                                monkeypatch):
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # from anywhere, with no network setting: the model file has them
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)  # tune writes into the model file
+    before = torch.load(models / "model.pt", weights_only=True)
     out = tmp_path / "tune"
     grid = ["--grid_threshold", "0.3,0.5,0.7", "--grid_hysteresis_high", "none,0.9", "--grid_closing_radius", "0,1",
             "--grid_plug_holes", "true", "--grid_min_size", "0,200"]
-    common = {**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "amp": False}
+    common = {"dataset_dir": tiny_dataset, "ckpt_dir": models, "amp": False}
     assert main([*cli_args({**common, "output_dir": out}), *grid]) == 0
     printed = capsys.readouterr().out
     report = json.load(open(out / "tuning.json"))
@@ -79,19 +84,29 @@ def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny
     assert f"best setting:    score {best['score']:.4f}" in printed
     assert f"inference overrides: {report['overrides']}" in printed
 
-    # pasted into the evaluation command, the printed overrides give the tuned score
+    # the best setting is written into the model file's plans; the weights are unchanged
+    after = torch.load(models / "model.pt", weights_only=True)
+    assert after["plans"]["postprocessing"] == {k: best[k] for k in SETTING_KEYS}
+    assert after["plans"]["tuning"]["score"] == best["score"] and after["plans"]["tuning"]["volumes"] == val_ids
+    assert after["plans"]["network"] == before["plans"]["network"]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert f"wrote the best setting into {models / 'model.pt'}" in printed
+
+    # evaluating that file with no setting at all (the plans give them) reproduces the tuned score, as do the
+    # printed overrides pasted into the command
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'evaluate.yaml'}']"
-    command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs,
-               *cli_args({**common, "output_dir": tmp_path / "eval"}), *shlex.split(report["overrides"])]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert {k: metrics["settings"][k] for k in SETTING_KEYS} == {k: best[k] for k in SETTING_KEYS}
-    for key in COMPONENT_KEYS:
-        assert metrics["mean"][key] == pytest.approx(best[key], abs=1e-9), key
-    for case, score in best["volumes"].items():
-        assert metrics["volumes"][case]["score"] == pytest.approx(score, abs=1e-9), case
+    for name, extra in (("plain", []), ("pasted", shlex.split(report["overrides"]))):
+        command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs,
+                   *cli_args({**common, "output_dir": tmp_path / name}), *extra]
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.load(open(tmp_path / name / "metrics.json"))
+        assert {k: metrics["settings"][k] for k in SETTING_KEYS} == {k: best[k] for k in SETTING_KEYS}
+        for key in COMPONENT_KEYS:
+            assert metrics["mean"][key] == pytest.approx(best[key], abs=1e-9), key
+        for case, score in best["volumes"].items():
+            assert metrics["volumes"][case]["score"] == pytest.approx(score, abs=1e-9), case
 
 
 def test_tune_refuses_a_grid_over_the_bound(tiny_dataset, tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -101,6 +116,17 @@ def test_tune_refuses_a_grid_over_the_bound(tiny_dataset, tiny_model_dir, tmp_pa
     assert main(argv) == 2
     assert "more than --max_settings 5" in capsys.readouterr().err
     assert not (tmp_path / "tuning.json").exists()
+
+
+def test_tune_refuses_network_settings_that_differ_from_the_model_file(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    argv = [*cli_args({"dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "output_dir": tmp_path}),
+            "--network_channels", "[8, 16, 32]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (
+        f"error: {tiny_model_dir / 'model.pt'}: network_channels [8, 16, 32] given, but the model in this file was "
+        "trained with network_channels [4, 8, 16]; leave --network_channels out (the file's value is used)"
+    )
 
 
 def test_tune_without_a_checkpoint_says_what_to_do(tiny_dataset, tmp_path, capsys, monkeypatch):
