@@ -18,9 +18,10 @@ and MONAI's ``CheckpointLoader(load_dict={"model": net})`` and ``ckpt_export --k
 under ``"model"``.
 
 Inference, evaluation, tuning, streaming prediction and export build the network from the file
-(:func:`resolve_plans`): a network key or ``patch_size`` left ``null`` takes the file's value, an explicit value
-must equal it (else one line naming the file, the key and both values), and an explicit post-processing value wins
-over the plans, which win over the configs' defaults.
+(:func:`resolve_plans`): a network key left ``null`` takes the file's value, an explicit value must equal it (else
+one line naming the file, the key and both values); ``patch_size`` left ``null`` is the training patch, an explicit
+one is the sliding window to use (any multiple of the strides' product: the network is fully convolutional); an
+explicit post-processing value wins over the plans, which win over the configs' defaults.
 
 Files written before plans existed (bundle 0.1.0: weights only, always a UNet) still load: the network is built
 from the settings given, the 0.1.0 defaults where none is given, with a warning; ``tune`` upgrades such a file by
@@ -205,18 +206,18 @@ def resolve_plans(
         network: bundle network keys (``architecture``, ``network_channels``, ``network_strides``,
             ``num_res_units``, ``deep_supervision``) -> value; None means "the file's". An explicit value must
             equal the file's.
-        patch_size: the sliding-window roi; None means the file's training patch, an explicit one must equal it.
+        patch_size: the sliding-window roi (``roi_size`` in the result); None means the file's training patch.
         postprocessing: post-processing keys -> value; an explicit value wins, None takes the plans' value (the
             one ``tune`` wrote), else ``defaults``.
         defaults: the post-processing used when neither an explicit value nor the plans give one.
 
     Returns:
-        Complete plans (as :func:`make_plans`), ``postprocessing`` filled in.
+        Complete plans (as :func:`make_plans`), ``postprocessing`` filled in, and ``roi_size``: the sliding window.
 
     Raises:
         MissingFileError: no model file (the message says to train a model first).
-        SettingsError: an explicit network key or patch size that differs from the file's, naming the file, the
-            key and both values; or a value no network can be built with.
+        SettingsError: an explicit network key that differs from the file's, naming the file, the key and both
+            values; or a value no network can be built with.
         ModelFileError: an unreadable file, or plans this bundle cannot use.
 
     Example::
@@ -254,12 +255,6 @@ def resolve_plans(
                     f"{plans['network'][arg]!r}; leave --{config_key} out (the file's value is used)"
                 )
                 raise SettingsError(msg)
-        if patch_size is not None and _patch(patch_size, "patch_size") != plans["patch_size"]:
-            msg = (
-                f"{path}: patch_size {_patch(patch_size, 'patch_size')} given, but the model in this file was trained "
-                f"on patch_size {plans['patch_size']}; leave --patch_size out (the file's value is used)"
-            )
-            raise SettingsError(msg)
     chosen = plans.get("postprocessing") or {}
     post = {}
     for key in POSTPROCESSING_KEYS:
@@ -272,6 +267,9 @@ def resolve_plans(
             value = source[key]
         post[key] = value
     plans["postprocessing"] = post
+    # the network is fully convolutional: a window other than the training patch (larger ones help, as the winners
+    # found) is a choice, not a mismatch; settings.check_patch_size checks it against the strides
+    plans["roi_size"] = plans["patch_size"] if patch_size is None else _patch(patch_size, "patch_size")
     return plans
 
 

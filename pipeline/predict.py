@@ -527,7 +527,7 @@ def _build_from_config(overrides: dict[str, Any], model_path: str | None) -> tup
         raise PredictError(msg) from e
     keys = ("overlap", "sw_batch_size", "tta", "tta_axes", "amp", "amp_dtype")
     settings = {k: parser.get_parsed_content(k) for k in keys}
-    settings["patch_size"] = plans["patch_size"]
+    settings["patch_size"] = plans["roi_size"]
     settings.update(plans["postprocessing"])
     settings["device"] = device
     settings["amp_dtype"] = resolve_amp(device, settings["amp"], settings["amp_dtype"])

@@ -150,8 +150,9 @@ def test_resolve_takes_the_files_values_and_refuses_a_different_explicit_one(tmp
         f"{path}: architecture 'unet' given, but the model in this file was trained with architecture 'dynunet'; "
         "leave --architecture out (the file's value is used)"
     )
-    with pytest.raises(SettingsError, match=r"patch_size \[64, 64, 64\] given, but .* trained on patch_size \[32, 32, 32\]"):
-        resolve_plans(path, {}, [64, 64, 64], {}, POST)
+    assert plans["roi_size"] == [32, 32, 32]  # the sliding window is the training patch unless one is given
+    wider = resolve_plans(path, {}, [64, 64, 64], {}, POST)  # a larger window is a choice, not a mismatch
+    assert wider["roi_size"] == [64, 64, 64] and wider["patch_size"] == [32, 32, 32]
     with pytest.raises(MissingFileError, match="none.pt: not found; train a model first"):
         resolve_plans(tmp_path / "none.pt", {}, None, {}, POST)
 
