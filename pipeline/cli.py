@@ -23,9 +23,11 @@ __all__ = [
     "BUNDLE_ARGS",
     "check_bundle_cli",
     "config_keys",
+    "load_recipe",
     "main_parser",
     "merge_parser",
     "predict_parser",
+    "recipe_names",
     "score_parser",
     "suggest",
     "synth_parser",
@@ -61,6 +63,7 @@ examples:
   python -m pipeline --train#dataloader#num_workers 2     a nested key
   python -m pipeline --skip_training                      predict with the existing model.pt
   python -m pipeline --nproc 2                            2 DDP processes (gloo on CPU)
+  python -m pipeline --recipe kaggle_2xT4 --dataset_dir /kaggle/input/...   the Kaggle 2xT4 settings
 """
 
 
@@ -83,11 +86,42 @@ def main_parser() -> argparse.ArgumentParser:
                    help="where the synthetic default dataset is generated when no --dataset_dir is given "
                    "(default: %(default)s)")
     p.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
+    p.add_argument("--recipe", default=None,
+                   help=f"settings for a machine: a name in bundle/configs/recipes ({', '.join(recipe_names())}) or a "
+                   "YAML file of bundle keys; --key value options still win")
     p.add_argument("--nproc", type=int, default=None, help="processes for DDP training and inference (default: all GPUs)")
     p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node job; run the command on each")
     p.add_argument("--node_rank", type=int, default=0, help="this machine's index in a multi-node job, 0..nnodes-1")
     p.add_argument("--rdzv_endpoint", default=None, help="host:port of node 0, for several machines")
     return p
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in ``bundle/configs/recipes``."""
+    return sorted(path.stem for path in (CONFIGS / "recipes").glob("*.yaml"))
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    """The bundle keys of a recipe: a name in ``bundle/configs/recipes`` or a YAML file (a mapping of keys).
+
+    The same file is a mixin for ``python -m monai.bundle run training --config_file "['.../train.yaml', RECIPE]"``.
+
+    Raises:
+        ValueError: no such recipe, or a file that is not a mapping of keys (the message names the file).
+    """
+    path = Path(recipe) if recipe.endswith((".yaml", ".yml", ".json")) else CONFIGS / "recipes" / f"{recipe}.yaml"
+    if not path.is_file():
+        msg = f"{path}: recipe not found; the bundle's recipes are {', '.join(recipe_names())}, or give a YAML file"
+        raise ValueError(msg)
+    try:
+        values = yaml.load(path.read_text(), Loader=_LOADER)
+    except yaml.YAMLError as e:
+        msg = f"{path}: not valid YAML ({str(e).splitlines()[0]})"
+        raise ValueError(msg) from e
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        msg = f"{path}: a recipe is a mapping of bundle keys to values"
+        raise ValueError(msg)
+    return values
 
 
 def synth_parser() -> argparse.ArgumentParser:
