@@ -421,7 +421,7 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
 class TrainingCheckpointer:
     """Saves the full training state by time and by epoch, atomically, and resumes from it exactly.
 
-    Saved: the network, optimizer, LR scheduler, AMP ``GradScaler``, trainer progress (epoch, iteration,
+    Saved: the network, optimizer, LR scheduler, AMP ``GradScaler``, the weights' EMA, trainer progress (epoch, iteration,
     epoch_length, max_epochs and the engine's ``state_dict_user_keys``), the evaluator's ``best_metric`` and
     ``best_metric_epoch``, and every rank's random states (torch CPU/CUDA, numpy, ``random``, the dataset's random
     transforms, the loader's generators) at the checkpoint and at the start of its epoch.
@@ -444,6 +444,8 @@ class TrainingCheckpointer:
         scaler: a ``torch.amp.GradScaler``, or a zero-argument callable returning the trainer's current one (the
             scaler may be None or created late), or None.
         evaluator: an engine whose ``state.best_metric``/``best_metric_epoch`` are saved and restored.
+        ema: a ``pipeline.ema.EMA`` whose average and update count are saved and restored, or None. A checkpoint
+            without one (EMA turned on for a resumed run) restarts the average from the restored weights.
         interval_minutes: wall time between timed checkpoints (fractions allowed); 0 or None disables them.
         every_epochs: save every this many epochs; 0 or None disables it.
         keep_last: how many timed/per-epoch checkpoints to keep (files of earlier runs included); None keeps all.
@@ -470,6 +472,7 @@ class TrainingCheckpointer:
         lr_scheduler: Any = None,
         scaler: torch.amp.GradScaler | Callable[[], torch.amp.GradScaler | None] | None = None,
         evaluator: Engine | None = None,
+        ema: Any = None,
         interval_minutes: float | None = 60.0,
         every_epochs: int | None = 1,
         keep_last: int | None = 2,
@@ -491,6 +494,7 @@ class TrainingCheckpointer:
         self.lr_scheduler = lr_scheduler
         self._scaler = scaler
         self.evaluator = evaluator
+        self.ema = ema
         self.interval_s = 60.0 * interval_minutes if interval_minutes else 0.0
         self.every_epochs = every_epochs or 0
         self.keep_last = keep_last
@@ -657,6 +661,7 @@ class TrainingCheckpointer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "trainer": trainer,
             "evaluator": None,
             "rng": [
@@ -727,6 +732,11 @@ class TrainingCheckpointer:
         scaler = self.scaler
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                self.logger.warning(f"{path} holds no EMA of the weights: the average restarts from the restored weights")
+            saved_ema = ckpt.get("ema") or {"model": _unwrap(self.network).state_dict(), "num_updates": 0}
+            self.ema.load_state_dict(saved_ema)
         if self.evaluator is not None and ckpt["evaluator"] is not None:
             self.evaluator.state.best_metric = ckpt["evaluator"]["best_metric"]
             self.evaluator.state.best_metric_epoch = ckpt["evaluator"]["best_metric_epoch"]
