@@ -3,11 +3,11 @@
 ignite's ``EMAHandler`` keeps the averaged copy (``ema_model``: a detached deep copy of the network, the module of
 a ``DistributedDataParallel`` wrapper, in eval mode, buffers copied from the trained network) and updates it
 ``ema = (1 - momentum) * ema + momentum * w``. What it lacks for training here: its warm-up is a linear ramp of the
-momentum over a fixed number of iterations kept in a scheduler outside any state dict, it updates on every
-iteration (with gradient accumulation most iterations do not change the weights), and it has no state to
+momentum over a fixed number of iterations kept in a scheduler outside any state dict, it does not know which
+iterations step the optimizer (with gradient accumulation most do not change the weights), and it has no state to
 checkpoint. :class:`EMA` sets the momentum from its own update count, ``1 - min(decay, (1 + n) / (10 + n))``
-(the warm-up of TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` and timm's ``ModelEma``), so that a
-short run is not dominated by the initial weights; updates only when the trainer stepped the optimizer
+(the warm-up of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``), so that a short run is not
+dominated by the initial weights; updates only when the trainer stepped the optimizer
 (``pipeline.engine.Trainer.stepped_optimizer``); and saves ``{"model", "num_updates"}`` in the training checkpoints
 (``pipeline.checkpoint.TrainingCheckpointer``), so a resumed run continues the same average bit for bit. Under DDP
 every rank holds the same weights after each step and so the same average: no collective is needed.

@@ -3,6 +3,7 @@ train.yaml: validation and model.pt use the EMA weights while the raw ones train
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,26 @@ def test_validation_and_best_model_use_the_ema_weights(tiny_dataset: Path, tmp_p
     assert final["ema"]["num_updates"] == steps and all(torch.equal(final["ema"]["model"][k], averaged[k]) for k in averaged)
     assert all(torch.equal(final["model"][k], raw[k]) for k in raw)
 
-    # without EMA validation and model.pt use the raw network, and no copy is made
-    plain = _parser(dataset, tmp_path / "plain", epochs=1)
+
+def test_ema_turned_on_for_a_resumed_run_starts_from_the_restored_weights(tiny_dataset: Path, tmp_path: Path, caplog) -> None:
+    dataset = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    plain = _parser(dataset, tmp_path, epochs=1)
     assert plain.get_parsed_content("validate#evaluator").network is plain.get_parsed_content("network")
-    assert plain.get_parsed_content("ema_handler") is None
+    assert plain.get_parsed_content("ema_handler") is None  # off: validation uses the raw network, no copy made
+    plain.get_parsed_content("initialize")
+    plain.get_parsed_content("run")
+    restored = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+    assert restored["ema"] is None
+
+    on = _parser(dataset, tmp_path, epochs=2, ema=True)
+    on.get_parsed_content("initialize")
+    ema = on.get_parsed_content("ema_handler")
+    seen = []
+    on.get_parsed_content("train#trainer").add_event_handler(
+        Events.ITERATION_STARTED(once=restored["trainer"]["iteration"] + 1),
+        lambda _: seen.append((ema.num_updates, {k: v.clone() for k, v in ema.ema_model.state_dict().items()})))
+    with caplog.at_level(logging.WARNING):
+        on.get_parsed_content("run")
+    assert "holds no EMA of the weights" in caplog.text
+    assert seen[0][0] == 0 and all(torch.equal(seen[0][1][k], v) for k, v in restored["model"].items())
+    assert ema.num_updates == restored["trainer"]["iteration"]  # epoch 2 only: as many steps as epoch 1
