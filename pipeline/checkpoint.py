@@ -422,10 +422,10 @@ class TrainingCheckpointer:
     """Saves the full training state by time and by epoch, atomically, and resumes from it exactly.
 
     Saved: the network (``"model"``) and its plans (``"plans"``, :mod:`pipeline.plans`), optimizer, LR scheduler,
-    AMP ``GradScaler``, trainer progress (epoch, iteration, epoch_length, max_epochs and the engine's
-    ``state_dict_user_keys``), the evaluator's ``best_metric`` and ``best_metric_epoch``, and every rank's random
-    states (torch CPU/CUDA, numpy, ``random``, the dataset's random transforms, the loader's generators) at the
-    checkpoint and at the start of its epoch.
+    AMP ``GradScaler``, the weights' EMA, trainer progress (epoch, iteration, epoch_length, max_epochs and the
+    engine's ``state_dict_user_keys``), the evaluator's ``best_metric`` and ``best_metric_epoch``, and every rank's
+    random states (torch CPU/CUDA, numpy, ``random``, the dataset's random transforms, the loader's generators) at
+    the checkpoint and at the start of its epoch.
 
     Resume (``auto_resume=True``, at ``STARTED``): the newest readable checkpoint in ``ckpt_dir`` is restored and
     "Resumed from <file> at epoch E, iteration I" logged. The epoch length is taken from the current data loader,
@@ -446,6 +446,8 @@ class TrainingCheckpointer:
         scaler: a ``torch.amp.GradScaler``, or a zero-argument callable returning the trainer's current one (the
             scaler may be None or created late), or None.
         evaluator: an engine whose ``state.best_metric``/``best_metric_epoch`` are saved and restored.
+        ema: a ``pipeline.ema.EMA`` whose average and update count are saved and restored, or None. A checkpoint
+            without one (EMA turned on for a resumed run) restarts the average from the restored weights.
         interval_minutes: wall time between timed checkpoints (fractions allowed); 0 or None disables them.
         every_epochs: save every this many epochs; 0 or None disables it.
         keep_last: how many timed/per-epoch checkpoints to keep (files of earlier runs included); None keeps all.
@@ -473,6 +475,7 @@ class TrainingCheckpointer:
         lr_scheduler: Any = None,
         scaler: torch.amp.GradScaler | Callable[[], torch.amp.GradScaler | None] | None = None,
         evaluator: Engine | None = None,
+        ema: Any = None,
         interval_minutes: float | None = 60.0,
         every_epochs: int | None = 1,
         keep_last: int | None = 2,
@@ -495,6 +498,7 @@ class TrainingCheckpointer:
         self.lr_scheduler = lr_scheduler
         self._scaler = scaler
         self.evaluator = evaluator
+        self.ema = ema
         self.interval_s = 60.0 * interval_minutes if interval_minutes else 0.0
         self.every_epochs = every_epochs or 0
         self.keep_last = keep_last
@@ -663,6 +667,7 @@ class TrainingCheckpointer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "trainer": trainer,
             "evaluator": None,
             "rng": [
@@ -743,6 +748,11 @@ class TrainingCheckpointer:
         scaler = self.scaler
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is None:
+                self.logger.warning(f"{path} holds no EMA of the weights: the average restarts from the restored weights")
+            saved_ema = ckpt.get("ema") or {"model": _unwrap(self.network).state_dict(), "num_updates": 0}
+            self.ema.load_state_dict(saved_ema)
         if self.evaluator is not None and ckpt["evaluator"] is not None:
             self.evaluator.state.best_metric = ckpt["evaluator"]["best_metric"]
             self.evaluator.state.best_metric_epoch = ckpt["evaluator"]["best_metric_epoch"]

@@ -126,6 +126,11 @@ class Trainer(_ReRaise, SupervisedTrainer):
         last = length is not None and local + 1 == length
         return local % acc == 0, (local + 1) % acc == 0 or last
 
+    def stepped_optimizer(self) -> bool:
+        """Whether the current iteration steps the optimizer: every ``accumulation_steps`` micro-steps and at the
+        end of an epoch (``pipeline.ema.EMA`` updates only then)."""
+        return self._accumulation_flags()[1]
+
     def _iteration(self, engine: Trainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             msg = "Must provide batch data for current iteration."

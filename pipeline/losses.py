@@ -1,9 +1,12 @@
-"""Dice + BCE on one-channel logits that ignores an unlabeled label value, and its deep-supervision wrapper.
+"""Dice + BCE on one-channel logits that ignores an unlabeled label value (with an optional skeleton recall term),
+and its deep-supervision wrapper.
 
 MONAI 1.6.1's ``DiceCELoss`` has no ``ignore_index``; :class:`MaskedDiceBCELoss` composes ``DiceLoss`` and BCE over
-the labeled voxels only, so label 2 (unlabeled) contributes neither to the loss nor to its gradient.
-:class:`DeepSupervisionLoss` applies a loss to every head of a deeply supervised network (DynUNet) with nnU-Net's
-weights.
+the labeled voxels only, so label 2 (unlabeled) contributes neither to the loss nor to its gradient. Its skeleton
+recall term (Kirchhoff et al. 2024, "Skeleton Recall Loss", used by the competition host's nnU-Net baseline)
+rewards covering the label's tubed skeleton (``pipeline.store.tubed_skeleton``), which a thin sheet must keep to stay
+in one piece. :class:`DeepSupervisionLoss` applies a loss to every head of a deeply supervised network (DynUNet)
+with nnU-Net's weights.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ __all__ = ["DeepSupervisionLoss", "MaskedDiceBCELoss", "deep_supervision_weights
 
 
 class MaskedDiceBCELoss(nn.Module):
-    """Dice + binary cross-entropy on logits, both restricted to voxels whose label is not ``ignore_index``.
+    """Dice + binary cross-entropy on logits, both restricted to voxels whose label is not ``ignore_index``, plus
+    ``skeleton_recall_weight`` x (1 - soft recall of the skeleton) when that weight is not 0.
+
+    With the skeleton term the target carries the skeleton as a second channel: ``target[:, 0]`` the label,
+    ``target[:, 1]`` the tubed skeleton (train.yaml concatenates them after the crop, so augmentation moves both
+    and the trainer's ``loss_function(pred, target)`` call is unchanged). The soft recall is
+    ``(sum(p * s * valid) + smooth) / (sum(s * valid) + smooth)`` over the whole batch, ``p = sigmoid(logits)``,
+    ``valid = label != ignore_index``; a batch without skeleton adds 0. A deep-supervision wrapper that calls this
+    loss per head downsamples both channels alike (max-pooling keeps label 2 and the skeleton).
 
     Args:
         ignore_index: label value excluded from the loss (2 = unlabeled in the competition data).
@@ -25,12 +36,15 @@ class MaskedDiceBCELoss(nn.Module):
         lambda_bce: weight of the BCE term.
         batch_dice: compute Dice over the whole batch (as nnU-Net does) rather than per sample; steadier on
             patches with little foreground.
-        smooth: Dice smoothing added to numerator and denominator.
+        smooth: Dice and recall smoothing added to numerator and denominator.
+        skeleton_recall_weight: weight of the skeleton recall term; 0 turns it off (one-channel target).
 
     Example::
 
         loss = MaskedDiceBCELoss(ignore_index=2)
         value = loss(logits, labels)  # logits (B, 1, Z, Y, X), labels (B, 1, Z, Y, X) in {0, 1, 2}
+        with_skeleton = MaskedDiceBCELoss(skeleton_recall_weight=1.0)
+        value = with_skeleton(logits, torch.cat([labels, skeletons], dim=1))
     """
 
     def __init__(
@@ -40,25 +54,39 @@ class MaskedDiceBCELoss(nn.Module):
         lambda_bce: float = 1.0,
         batch_dice: bool = True,
         smooth: float = 1e-5,
+        skeleton_recall_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.ignore_index = ignore_index
         self.lambda_dice = lambda_dice
         self.lambda_bce = lambda_bce
+        self.smooth = smooth
+        self.skeleton_recall_weight = float(skeleton_recall_weight)
         self.dice = DiceLoss(sigmoid=False, batch=batch_dice, smooth_nr=smooth, smooth_dr=smooth)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if input.shape[1] != 1:
             msg = f"expected one-channel logits (B, 1, ...), got shape {tuple(input.shape)}"
             raise ValueError(msg)
+        channels = 2 if self.skeleton_recall_weight else 1
+        if target.shape[1] != channels:
+            what = "label and skeleton channels (skeleton_recall_weight > 0)" if channels == 2 else "one label channel"
+            msg = f"expected a target with {what}, got shape {tuple(target.shape)}"
+            raise ValueError(msg)
         logits = input.float()
         target = target.to(logits.device)
-        valid = (target != self.ignore_index).float() if self.ignore_index is not None else torch.ones_like(logits)
-        fg = (target == 1).float()
+        label = target[:, :1]
+        valid = (label != self.ignore_index).float() if self.ignore_index is not None else torch.ones_like(logits)
+        fg = (label == 1).float()
         prob = torch.sigmoid(logits) * valid
         dice = self.dice(prob, fg * valid)
         bce = F.binary_cross_entropy_with_logits(logits, fg, weight=valid, reduction="sum") / valid.sum().clamp_min(1.0)
-        return self.lambda_dice * dice + self.lambda_bce * bce
+        loss = self.lambda_dice * dice + self.lambda_bce * bce
+        if self.skeleton_recall_weight:
+            skeleton = target[:, 1:].float() * valid
+            recall = ((prob * skeleton).sum() + self.smooth) / (skeleton.sum() + self.smooth)
+            loss = loss + self.skeleton_recall_weight * (1.0 - recall)
+        return loss
 
 
 def deep_supervision_weights(heads: int) -> list[float]:

@@ -160,9 +160,12 @@ def test_monai_logging_handlers_disabled_off_rank0(monkeypatch, tmp_path):
 
 
 def test_ddp_training_shards_and_gathered_dice(ddp_dataset, tmp_path, capfd):
+    """With EMA and skeleton recall on (the other DDP tests train without): the ranks split the skeleton build, every
+    rank validates its own EMA copy (no collective), and model.pt, the EMA at the best epoch, scores the gathered
+    best Dice again in one process."""
     rec = tmp_path / "records"
     configs = [str(TRAIN_CONFIG), str(recorder_mixin(tmp_path / "recorder.yaml", rec))]
-    overrides = _overrides(ddp_dataset, tmp_path)
+    overrides = _overrides(ddp_dataset, tmp_path, ema=True, skeleton_recall_weight=1.0)
     assert launch(configs, "training", overrides, nproc=2) == 0
     console = capfd.readouterr().out
 

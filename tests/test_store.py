@@ -233,17 +233,28 @@ def _train(parser: ConfigParser, stop_at: int | None = None) -> tuple[dict[int, 
     return losses, parser.get_parsed_content("network")
 
 
-@pytest.mark.parametrize(("mode", "num_workers"), [("mmap", 0), ("mmap", 2), ("ram", 0)])
-def test_exact_mid_epoch_resume_through_the_store(dataset: Path, tmp_path: Path, mode: str, num_workers: int) -> None:
-    common = {"store_mode": mode, "num_workers": num_workers, "epochs": 3}
-    reference, ref_net = _train(_bundle(dataset, tmp_path / "ref", **common))
+@pytest.mark.parametrize(
+    ("mode", "num_workers", "extra"),
+    [("mmap", 0, {}), ("mmap", 2, {}), ("ram", 0, {}), ("mmap", 0, {"ema": True, "ema_decay": 0.9, "skeleton_recall_weight": 1.0})],
+)
+def test_exact_mid_epoch_resume_through_the_store(dataset: Path, tmp_path: Path, mode: str, num_workers: int, extra: dict) -> None:
+    common = {"store_mode": mode, "num_workers": num_workers, "epochs": 3, **extra}
+    ref = _bundle(dataset, tmp_path / "ref", **common)
+    reference, ref_net = _train(ref)
     # timed checkpoint at every iteration, stopped after iteration 3 (mid epoch 2 of 2 iterations an epoch)
     first, _ = _train(_bundle(dataset, tmp_path / "run", checkpoint_interval_minutes=1e-9, **common), stop_at=3)
     assert reference.keys() == set(range(1, 7)) and first == {k: reference[k] for k in (1, 2, 3)}
-    resumed, net = _train(_bundle(dataset, tmp_path / "run", seed=0, **common))
+    run = _bundle(dataset, tmp_path / "run", seed=0, **common)
+    resumed, net = _train(run)
     assert sorted(resumed) == [4, 5, 6]
     assert {k: reference[k] for k in resumed} == resumed  # bit-equal losses
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), ref_net.parameters(), strict=True))
+    if extra.get("ema"):  # the average continued bit for bit, and it is not the raw network
+        ema, ref_ema = run.get_parsed_content("ema_handler"), ref.get_parsed_content("ema_handler")
+        assert ema.num_updates == ref_ema.num_updates == 6
+        pairs = list(zip(ema.ema_model.parameters(), ref_ema.ema_model.parameters(), strict=True))
+        assert all(torch.equal(p, q) for p, q in pairs)
+        assert not all(torch.equal(p, q) for p, q in zip(ema.ema_model.parameters(), net.parameters(), strict=True))
 
 
 def test_ranks_of_a_machine_split_the_build(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
