@@ -147,7 +147,7 @@ def test_one_epoch_with_skeleton_recall_through_train_yaml(dataset: Path, tmp_pa
     parser = _parser(dataset, tmp_path, epochs=1)
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
-    assert trainer.loss_function.skeleton_recall_weight == 1.0
+    assert trainer.loss_function.loss.skeleton_recall_weight == 1.0  # inside the deep-supervision wrapper
     targets, losses = [], []
 
     @trainer.on(Events.ITERATION_COMPLETED)
