@@ -14,7 +14,7 @@ activation twice over as working space + a fixed allowance for the CUDA context 
 time at a sustained throughput you give (``--tflops``; a T4 peaks at 65 fp16 tensor TFLOPS and sustains a fraction
 of that on 3D convolutions). Both are estimates: measure one epoch on the GPU to confirm (bench/gpu_check.sh).
 
-    PYTHONPATH=. python bench/bench_sizing.py --config bundle/configs/recipes/kaggle_2xT4.yaml --tflops 12
+    PYTHONPATH=. python bench/bench_sizing.py --config bundle/configs/recipes/kaggle_2xT4.yaml --gpus 2 --tflops 4
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="AMP dtype of activations")
     ap.add_argument("--tflops", type=float, default=12.0, help="sustained TFLOPS of the GPU assumed for timing")
     ap.add_argument("--gpu_gb", type=float, default=16.0, help="GPU memory to fit (T4: 16 GB, 15 GB usable)")
-    ap.add_argument("--iterations", type=int, default=None, help="iterations per epoch per GPU (default: from the "
-                    "recipe's comment-free arithmetic: 806 volumes / GPUs / batch_size)")
+    ap.add_argument("--iterations", type=int, default=None, help="iterations per epoch per GPU (default: the Kaggle "
+                    "training set's 806 volumes / GPUs / batch_size)")
     ap.add_argument("--gpus", type=int, default=1)
     args, rest = ap.parse_known_args()
     overrides = {}

@@ -133,15 +133,10 @@ def run_main_job(argv: list[str]) -> int:
     where = "train.yaml, multi_gpu_train.yaml or inference.yaml"
     if args.recipe is not None:
         try:
-            recipe = cli.load_recipe(args.recipe)
+            overrides = cli.with_recipe(args.recipe, overrides, known, where)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        unknown = cli.unknown_keys_message(recipe, known, where)
-        if unknown:
-            print(f"error: recipe {args.recipe}: {unknown}", file=sys.stderr)
-            return 2
-        overrides = {**recipe, **overrides}  # the command line's --key value wins over the recipe
     unknown = cli.unknown_keys_message(overrides, known, where)
     if unknown:
         print(f"error: {unknown}", file=sys.stderr)

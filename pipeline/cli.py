@@ -33,6 +33,7 @@ __all__ = [
     "synth_parser",
     "tune_parser",
     "unknown_keys_message",
+    "with_recipe",
 ]
 
 CONFIGS = BUNDLE / "configs"
@@ -122,6 +123,20 @@ def load_recipe(recipe: str) -> dict[str, Any]:
         msg = f"{path}: a recipe is a mapping of bundle keys to values"
         raise ValueError(msg)
     return values
+
+
+def with_recipe(recipe: str, overrides: dict[str, Any], known: Iterable[str], where: str) -> dict[str, Any]:
+    """``overrides`` on top of the recipe's keys (the command line wins), every recipe key checked against ``known``.
+
+    Raises:
+        ValueError: a recipe :func:`load_recipe` refuses, or one with a key no config has (named, with the file).
+    """
+    values = load_recipe(recipe)
+    unknown = unknown_keys_message(values, known, where)
+    if unknown:
+        msg = f"recipe {recipe}: {unknown}"
+        raise ValueError(msg)
+    return {**values, **overrides}
 
 
 def synth_parser() -> argparse.ArgumentParser:
