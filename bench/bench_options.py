@@ -10,7 +10,8 @@ fixed (``split_seed``), so seeds change only the training's randomness. Printed:
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_options.py --work /tmp/options \\
         [--variants unet,dynunet,skeleton,ema] [--seeds 0,1] [--parallel 2] [--epochs N]
 
-Only the validation split is used, never the test volumes.
+A run already measured in ``--work`` (its ``row.json``) is reused, so a table can be extended a run at a time;
+``--epochs`` runs get folders of their own. Only the validation split is used, never the test volumes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def _run(cmd: list[str], log: Path, threads: int) -> float:
 
 def train_and_tune(work: Path, data: Path, name: str, seed: int, threads: int, extra: dict) -> dict:
     """One variant and seed: train with its overrides, then tune; returns the row of the table."""
-    run = work / f"{name}-s{seed}"
+    run = work / f"{name}-s{seed}" if not extra else work / f"{name}-s{seed}-e{extra['epochs']}"
+    done = run / "row.json"
+    if done.is_file():  # measured by an earlier call: reused, so that a table can be extended run by run
+        return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
     common = {"dataset_dir": str(data), "output_dir": str(run / "out"), "ckpt_dir": str(run / "models")}
     train = {**common, **QUIET, **extra, **VARIANTS[name], "seed": seed}
@@ -68,11 +72,12 @@ def train_and_tune(work: Path, data: Path, name: str, seed: int, threads: int, e
     cmd = [sys.executable, "-m", "pipeline", "tune", *_args(common)]
     _run(cmd, run / "tune.log", threads)
     report = json.loads((run / "out" / "tuning.json").read_text())
-    row = {"variant": name, "seed": seed, "train_s": t_train}
+    row = {"variant": name if not extra else f"{name} e{extra['epochs']}", "seed": seed, "train_s": t_train}
     for which in ("default", "best"):
         for key in COMPONENTS:
             row[f"{which}_{key}"] = report[which][key]
     row["best_overrides"] = report["overrides"]
+    done.write_text(json.dumps(row) + "\n")
     print(f"done {name} seed {seed}: train {t_train:.0f} s, score {row['default_score']:.4f} "
           f"(tuned {row['best_score']:.4f})", flush=True)
     return row
@@ -117,10 +122,17 @@ def main() -> int:
     extra = {} if args.epochs is None else {"epochs": args.epochs}
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     jobs = [(n, s) for s in seeds for n in names]
+    def one(job: tuple[str, int]) -> dict | None:
+        try:
+            return train_and_tune(args.work, data, *job, threads, extra)
+        except RuntimeError as e:  # one failed run does not lose the others
+            print(f"failed {job}: {e}", flush=True)
+            return None
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda job: train_and_tune(args.work, data, *job, threads, extra), jobs))
+        rows = [row for row in pool.map(one, jobs) if row is not None]
     (args.work / "options.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(_table(sorted(rows, key=lambda r: (names.index(r["variant"]), r["seed"]))))
+    print(_table(sorted(rows, key=lambda r: (names.index(r["variant"].split(" ")[0]), r["seed"]))))
     print(f"rows: {args.work / 'options.json'}")
     return 0
 
