@@ -5,8 +5,9 @@ N holes into the label sheets (real labels have some), so that both masks have l
 shifted by one voxel in places, with holes punched, a sheet cut and dust added. Printed, from one run:
 
 - the exact score (TopoScore exact, the default) and each component, with how many octants needed the matcher;
-- the compiled Betti-Matching-3D (``topolosses`` wheel) called on each octant in turn, as the official metric
-  does, and the ratio of the two;
+- the compiled Betti-Matching-3D (``topolosses`` wheel) called on each octant in turn in this process, as the
+  official metric does, and the ratio of the two (the exact score sends the octants it cannot count in closed form
+  to matcher processes, see ``pipeline.betti.reference_counts``; ``--matcher_workers 0`` keeps them here);
 - the fast estimate's TopoScore and its difference from the exact one.
 
 Run from the repo root (needs ``pip install --no-deps topolosses==0.2.0`` for the matcher column)::
@@ -17,6 +18,7 @@ Run from the repo root (needs ``pip install --no-deps topolosses==0.2.0`` for th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from pipeline import score
-from pipeline.betti import load_reference, reference_counts
+from pipeline.betti import MATCHER_WORKERS_ENV, load_reference, matcher_workers, reference_counts
 
 
 def synthetic_pair(size: int, seed: int = 0, label_holes: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--label_holes", type=int, default=0, help="holes punched into the label sheets")
+    parser.add_argument("--matcher_workers", type=int, default=None, help="matcher processes of the exact score "
+                        "(default: chosen from cores and memory; 0 = in this process)")
     args = parser.parse_args()
+    if args.matcher_workers is not None:
+        os.environ[MATCHER_WORKERS_ENV] = str(args.matcher_workers)
     pred, label = synthetic_pair(args.size, label_holes=args.label_holes)
     p, g = score._foreground(pred, label, 2)
     octants = list(score._octants(p.shape))
@@ -78,7 +84,10 @@ def main() -> None:
     result = score.combine_score(topo, sd, voi_score)
     print(f"volume {args.size}^3, {args.label_holes} label holes: score={result:.4f} topo={topo:.4f}", flush=True)
     print(f"counts per dimension (m, p, g): {counts}")
-    print(f"octants needing the matcher: {n_matcher} of {len(octants)}")
+    sizes = [p[sl].size for sl in octants if not score._block_counts(p[sl], g[sl])[1]]
+    workers = matcher_workers(len(sizes), max(sizes, default=0))
+    print(f"octants needing the matcher: {n_matcher} of {len(octants)}; matcher processes: {workers} "
+          f"({len(os.sched_getaffinity(0))} cores)")
     for name, seconds in [
         ("exact score (total)", t_exact),
         ("  topo_counts, exact", t_topo),
@@ -95,7 +104,7 @@ def main() -> None:
     start = time.perf_counter()
     total = np.zeros((3, 3), np.int64)
     for sl in octants:  # one octant after the other in one process, as the official metric does
-        total += reference_counts([p[sl]], [g[sl]])[0]
+        total += reference_counts([p[sl]], [g[sl]], workers=0)[0]
     t_ref = time.perf_counter() - start
     same = {k: tuple(int(v) for v in total[k]) for k in range(3)} == counts
     print(f"{'Betti-Matching-3D per octant':<32} {t_ref:8.2f} s  (counts equal: {same})")

@@ -40,9 +40,12 @@ the program's counts; per octant:
 - **m = p = g** in every dimension when P and G are equal in the octant (the program then runs the same
   union-finds and reductions on P, G and U).
 - An octant where one of these does not apply goes whole to the matcher: the compiled Betti-Matching-3D when
-  the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``; one octant at a time),
-  else the pure-Python port of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels;
-  larger octants then raise a ``MissingMatcherError`` (a ``RuntimeError``) saying what to install.
+  the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``), else the pure-Python port
+  of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels; larger octants then raise a
+  ``MissingMatcherError`` (a ``RuntimeError``) saying what to install. The compiled program runs on one core and
+  spends half its time faulting in fresh memory, so such octants are matched in worker processes, one per core
+  as memory allows, that keep their heap from one octant to the next (:func:`pipeline.betti.reference_counts`;
+  ``MATCHER_WORKERS=0`` in the environment keeps them in this process).
 
 Tested equal to the compiled Betti-Matching-3D, count by count, on 56 random model-like volumes
 (``tests/test_score.py``). Time: ``bench/bench_score.py`` prints the exact score next to the matcher run octant

@@ -21,6 +21,7 @@ from surface_distance import compute_surface_dice_at_tolerance, compute_surface_
 
 from pipeline import score as score_module
 from pipeline.betti import exact_counts, load_reference, reference_counts
+from tests._malloc_probe import _malloc_settings
 from pipeline.errors import MissingMatcherError
 from pipeline.score import (
     CompetitionScore,
@@ -599,3 +600,45 @@ def test_identical_masks_need_no_matcher(monkeypatch):
     counts = topo_counts(mask, mask)
     assert all(m == p == g for m, p, g in counts.values()) and counts[1][0] > 0
 
+
+
+def test_matcher_workers_give_the_counts_of_one_process(monkeypatch):
+    import pipeline.betti as betti
+
+    if load_reference() is None:
+        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    rng = np.random.default_rng(7)
+    pairs = []
+    for i in range(5):
+        shape = tuple(int(s) for s in rng.integers(9, 20, 3))
+        gt = _model_like(rng, KINDS[i % len(KINDS)], shape)
+        pairs.append((_perturbed(rng, gt), gt))
+    preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
+    here = reference_counts(preds, gts, workers=0)
+    assert [c.tolist() for c in reference_counts(preds, gts, workers=2)] == [c.tolist() for c in here]
+    # the workers start with the malloc settings that make the program reuse its heap; the caller's env is kept
+    monkeypatch.setattr(betti, "_reference_one", _malloc_settings)  # a light module: workers import it quickly
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    assert betti._in_workers(preds[:2], gts[:2], 2) == [betti.MATCHER_TUNABLES] * 2
+    assert __import__("os").environ["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
+
+
+def test_matcher_workers_follow_cores_memory_and_size(monkeypatch):
+    import pipeline.betti as betti
+    import pipeline.store as store
+
+    monkeypatch.delenv(betti.MATCHER_WORKERS_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(betti.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
+    big = 160**3  # 5.7 GB per worker: 64 GB holds 9
+    assert betti.matcher_workers(8, big) == 8
+    assert betti.matcher_workers(16, big) == 9
+    assert betti.matcher_workers(1, big) == 0 and betti.matcher_workers(8, 20**3) == 0
+    monkeypatch.setattr(store, "available_memory", lambda: 2 * 2**30)
+    assert betti.matcher_workers(8, big) == 1  # never none: one worker still reuses its heap
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
+    assert betti.matcher_workers(8, big) == 2
+    monkeypatch.setenv(betti.MATCHER_WORKERS_ENV, "0")
+    assert betti.matcher_workers(8, big) == 0
