@@ -98,7 +98,7 @@ def _table(rows: list[dict]) -> str:
             values = [r[key] for r in mine]
             cells.append(f"{statistics.mean(values):.4f}" + (f"±{(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""))
         t = statistics.mean(r["train_s"] for r in mine)
-        lines.append(f"{name:<18} {len(mine):>4} {t:>8.0f} " + " ".join(f"{c:>9}" for c in cells))
+        lines.append(f"{name:<18} {'n=' + str(len(mine)):>4} {t:>8.0f} " + " ".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
 
 
