@@ -27,15 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+BASE = {"architecture": "unet", "skeleton_recall_weight": 0.0, "ema": False}  # explicit: defaults change by this table
 VARIANTS = {
-    "unet": {},
-    "dynunet": {"architecture": "dynunet"},
-    "segresnet": {"architecture": "segresnet"},
-    "skeleton": {"skeleton_recall_weight": 1.0},
-    "ema": {"ema": True},
-    "dynunet+skeleton": {"architecture": "dynunet", "skeleton_recall_weight": 1.0},
-    "dynunet+ema": {"architecture": "dynunet", "ema": True},
-    "skeleton+ema": {"skeleton_recall_weight": 1.0, "ema": True},
+    "unet": BASE,
+    "dynunet": {**BASE, "architecture": "dynunet"},
+    "segresnet": {**BASE, "architecture": "segresnet"},
+    "skeleton": {**BASE, "skeleton_recall_weight": 1.0},
+    "ema": {**BASE, "ema": True},
+    "dynunet+skeleton": {**BASE, "architecture": "dynunet", "skeleton_recall_weight": 1.0},
+    "dynunet+ema": {**BASE, "architecture": "dynunet", "ema": True},
+    "skeleton+ema": {**BASE, "skeleton_recall_weight": 1.0, "ema": True},
     "all": {"architecture": "dynunet", "skeleton_recall_weight": 1.0, "ema": True},
 }
 COMPONENTS = ("score", "topo", "surface_dice", "voi_score")
