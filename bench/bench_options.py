@@ -44,7 +44,8 @@ QUIET = {"progress_enabled": False, "tensorboard_preview": False, "training_curv
 
 
 def _args(overrides: dict) -> list[str]:
-    return [a for k, v in overrides.items() for a in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
+    # Python literals: the monai.bundle command line (fire) reads "False" as a bool but "false" as a (truthy) string
+    return [a for k, v in overrides.items() for a in (f"--{k}", repr(v) if not isinstance(v, str) else v)]
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> float:
