@@ -24,6 +24,7 @@ __all__ = [
     "check_bundle_cli",
     "config_keys",
     "load_recipe",
+    "lowercase_bools_message",
     "main_parser",
     "merge_parser",
     "predict_parser",
@@ -266,7 +267,8 @@ def _config_files(value: Any) -> list[str]:
 
 
 def check_bundle_cli(argv: list[str] | None = None) -> None:
-    """Refuse ``--key`` arguments of a ``python -m monai.bundle run`` command line that no config has.
+    """Refuse ``--key`` arguments of a ``python -m monai.bundle run`` command line that no config has, and
+    ``--key false`` (:func:`lowercase_bools_message`).
 
     MONAI adds an unknown key to the config silently (``--epoch 3`` trains all the default epochs), so the configs
     call this first in ``initialize``. It does nothing unless this process is the ``monai.bundle`` command line
@@ -293,9 +295,32 @@ def check_bundle_cli(argv: list[str] | None = None) -> None:
         return
     known = config_keys(*files) | BUNDLE_ARGS | {"_meta_"}
     message = unknown_keys_message(_cli_keys(args), known, " or ".join(Path(f).name for f in files))
+    if message is None:
+        message = lowercase_bools_message(args)
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def lowercase_bools_message(argv: list[str]) -> str | None:
+    """One line for ``--key false`` / ``--key=true`` pairs, or None.
+
+    The ``monai.bundle`` command line (python-fire) reads ``False``/``True`` as booleans but ``false``/``true`` as
+    strings, and a non-empty string counts as true: ``--ema false`` would switch the EMA on.
+    """
+    bad = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg == "--":
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        if value.lower() in ("true", "false") and value not in ("True", "False"):
+            bad.append(f"--{key} {value} (write --{key} {value.capitalize()})")
+    if not bad:
+        return None
+    return (f"{', '.join(bad)}: on the monai.bundle command line 'true'/'false' are strings, and any non-empty string "
+            "counts as true")
 
 
 def predict_parser() -> argparse.ArgumentParser:

@@ -100,6 +100,14 @@ def test_bundle_cli_check() -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.check_bundle_cli([BUNDLE_MAIN, "run", "--config_file", train, "--partition_cache", "True"])
     assert exit_info.value.code == 2
+    for flag in (["--ema", "false"], ["--ema=true"], ["--val_score", "FALSE"]):
+        with pytest.raises(SystemExit):  # a truthy string to fire: the opposite of what was meant for 'false'
+            cli.check_bundle_cli([BUNDLE_MAIN, "run", "--config_file", train, *flag])
+    assert cli.lowercase_bools_message(["--ema", "false", "--tta", "True"]) == (
+        "--ema false (write --ema False): on the monai.bundle command line 'true'/'false' are strings, and any "
+        "non-empty string counts as true"
+    )
+    assert cli.lowercase_bools_message(["--amp", "--progress", "log", "--ema", "False"]) is None
 
 
 def test_bundle_command_line_refuses_an_unknown_key(tmp_path: Path) -> None:
