@@ -38,7 +38,7 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["MATCHER_TUNABLES", "exact_counts", "load_reference", "matcher_workers", "reference_counts"]
+__all__ = ["MATCHER_TUNABLES", "exact_counts", "keep_matcher_workers", "load_reference", "matcher_workers", "reference_counts"]
 
 _REFERENCE: list[ModuleType | None] = []
 
@@ -106,20 +106,26 @@ def matcher_workers(n_pairs: int, max_voxels: int) -> int:
 
     ``MATCHER_WORKERS`` in the environment decides when set. Otherwise one process per core this process may use
     (shared with the other local ranks under torchrun), at most one per octant, and no more than the memory
-    available holds (:data:`MATCHER_BYTES_PER_VOXEL`); 0 for a single octant (nothing to share or reuse), for
-    octants under :data:`MATCHER_POOL_MIN_VOXELS`, and inside a worker process (no nested pools: ``tune --workers``
-    scores in workers of its own).
+    available holds (:data:`MATCHER_BYTES_PER_VOXEL`; memory and cores shared with the machine's other ranks); 0 for
+    a single octant (nothing to share or reuse) unless in a :func:`keep_matcher_workers` block, for octants under
+    :data:`MATCHER_POOL_MIN_VOXELS`, and inside a worker process (no nested pools: ``tune --workers`` scores in
+    workers of its own). In a block whose workers are running, their number.
     """
     fixed = os.environ.get(MATCHER_WORKERS_ENV)
     if fixed is not None:
         return max(0, int(fixed))
-    if n_pairs < 2 or max_voxels < MATCHER_POOL_MIN_VOXELS or multiprocessing.parent_process() is not None:
+    kept = bool(_KEPT) and _KEPT[-1].pool is not None
+    if kept and max_voxels >= MATCHER_POOL_MIN_VOXELS:
+        return _KEPT[-1].workers  # kept workers reuse their heaps, even for one octant
+    alone = n_pairs < 2 and not _KEPT  # one octant: nothing to share, and no later call to reuse a heap
+    if alone or max_voxels < MATCHER_POOL_MIN_VOXELS or multiprocessing.parent_process() is not None:
         return 0
     from pipeline.store import available_memory
 
-    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    by_memory = int(0.8 * available_memory()) // max(1, MATCHER_BYTES_PER_VOXEL * max_voxels)
-    return max(1, min(n_pairs, cores, by_memory))
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the machine's other ranks do the same
+    cores = len(os.sched_getaffinity(0)) // ranks
+    by_memory = int(0.8 * available_memory()) // ranks // max(1, MATCHER_BYTES_PER_VOXEL * max_voxels)
+    return max(1, min(cores if _KEPT else n_pairs, cores, by_memory))  # kept workers serve the later calls too
 
 
 def reference_counts(
@@ -170,12 +176,52 @@ def _environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
-def _in_workers(preds: list[np.ndarray], gts: list[np.ndarray], workers: int) -> list[np.ndarray]:
+class _KeptWorkers:
+    """The matcher processes of a :func:`keep_matcher_workers` block, started by its first call that needs them."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.workers = 0
+
+
+_KEPT: list[_KeptWorkers] = []
+
+
+@contextlib.contextmanager
+def keep_matcher_workers() -> Iterator[None]:
+    """Keep the matcher's worker processes, and so their heaps, from one call to the next inside this block.
+
+    Outside such a block every :func:`reference_counts` call starts its own workers, and each worker's first octant
+    pays for faulting its memory in (~20 s of a 160^3 octant's ~25 s with two at once, measured on 2 cores); inside,
+    only the block's first call does. ``tune``'s sweep, :func:`pipeline.score.score_volumes` and the exact
+    ``CompetitionScoreHandler`` run in one. The workers hold their heaps (up to
+    :data:`MATCHER_BYTES_PER_VOXEL` per voxel of the largest octant) until the block ends.
+    """
+    kept = _KeptWorkers()
+    _KEPT.append(kept)
+    try:
+        yield
+    finally:
+        _KEPT.remove(kept)
+        if kept.pool is not None:
+            kept.pool.shutdown()
+
+
+def _submit(pool: ProcessPoolExecutor, preds: list[np.ndarray], gts: list[np.ndarray]) -> list[np.ndarray]:
     order = sorted(range(len(preds)), key=lambda i: -preds[i].size)  # largest first: the last to finish is small
+    with _environment("GLIBC_TUNABLES", MATCHER_TUNABLES):  # glibc reads it as a worker starts, in submit()
+        futures = {i: pool.submit(_reference_one, np.asarray(preds[i], bool), np.asarray(gts[i], bool)) for i in order}
+    return [futures[i].result() for i in range(len(preds))]
+
+
+def _in_workers(preds: list[np.ndarray], gts: list[np.ndarray], workers: int) -> list[np.ndarray]:
+    if _KEPT:
+        kept = _KEPT[-1]
+        if kept.pool is None:
+            kept.pool, kept.workers = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")), workers
+        return _submit(kept.pool, preds, gts)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        with _environment("GLIBC_TUNABLES", MATCHER_TUNABLES):  # glibc reads it as a worker starts, in submit()
-            futures = {i: pool.submit(_reference_one, np.asarray(preds[i], bool), np.asarray(gts[i], bool)) for i in order}
-        return [futures[i].result() for i in range(len(preds))]
+        return _submit(pool, preds, gts)
 
 
 # ----------------------------------------------------------------------------------------------- the complex

@@ -45,7 +45,8 @@ the program's counts; per octant:
   ``MissingMatcherError`` (a ``RuntimeError``) saying what to install. The compiled program runs on one core and
   spends half its time faulting in fresh memory, so such octants are matched in worker processes, one per core
   as memory allows, that keep their heap from one octant to the next (:func:`pipeline.betti.reference_counts`;
-  ``MATCHER_WORKERS=0`` in the environment keeps them in this process).
+  ``MATCHER_WORKERS=0`` in the environment keeps them in this process), and, in :func:`score_volumes`, the exact
+  :class:`CompetitionScoreHandler`'s epoch and ``tune``'s sweep, from one volume to the next.
 
 Tested equal to the compiled Betti-Matching-3D, count by count, on 56 random model-like volumes
 (``tests/test_score.py``). Time: ``bench/bench_score.py`` prints the exact score next to the matcher run octant
@@ -67,6 +68,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -84,7 +86,7 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
-from pipeline.betti import exact_counts, load_reference, reference_counts
+from pipeline.betti import exact_counts, keep_matcher_workers, load_reference, reference_counts
 from pipeline.errors import MissingMatcherError
 from transforms.io import case_id
 
@@ -584,11 +586,12 @@ def score_volumes(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], **kwargs:
         ValueError: when ``pairs`` is empty or an id repeats.
     """
     volumes: dict[str, dict[str, float]] = {}
-    for volume_id, pred, gt in pairs:
-        if volume_id in volumes:
-            msg = f"volume id {volume_id!r} given twice"
-            raise ValueError(msg)
-        volumes[volume_id] = score_volume(pred, gt, **kwargs)
+    with keep_matcher_workers():  # the volumes share the matcher's workers and their heaps
+        for volume_id, pred, gt in pairs:
+            if volume_id in volumes:
+                msg = f"volume id {volume_id!r} given twice"
+                raise ValueError(msg)
+            volumes[volume_id] = score_volume(pred, gt, **kwargs)
     if not volumes:
         msg = "no volumes to score"
         raise ValueError(msg)
@@ -689,18 +692,28 @@ class CompetitionScoreHandler(IgniteMetricHandler):
         topo_mode: str = "exact",
     ) -> None:
         self.component_prefix = component_prefix
+        self._matcher_workers = contextlib.ExitStack()
         super().__init__(
             metric_fn=CompetitionScore(threshold=threshold, ignore_label=ignore_label, topo_mode=topo_mode),
             output_transform=output_transform,
             save_details=save_details,
         )
 
+    def started(self, engine: Any) -> None:
+        super().started(engine)
+        self._matcher_workers.close()
+        if self.metric_fn.topo_mode == "exact":  # the epoch's volumes share the matcher's workers and their heaps
+            self._matcher_workers.enter_context(keep_matcher_workers())
+
     def completed(self, engine: Any, name: str) -> None:
-        super().completed(engine, name)
-        if self.component_prefix is not None:
-            for key, value in self.metric_fn.aggregate_components().items():
-                if key != "score":
-                    engine.state.metrics[f"{self.component_prefix}{key}"] = value
+        try:
+            super().completed(engine, name)
+            if self.component_prefix is not None:
+                for key, value in self.metric_fn.aggregate_components().items():
+                    if key != "score":
+                        engine.state.metrics[f"{self.component_prefix}{key}"] = value
+        finally:
+            self._matcher_workers.close()
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

@@ -36,6 +36,7 @@ import numpy as np
 from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
+from pipeline.betti import keep_matcher_workers
 from pipeline.score import COMPONENT_KEYS, score_volume
 from transforms.io import atomic_write_bytes
 from transforms.postprocess import build_postprocessing
@@ -255,7 +256,8 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
     try:
         handler = PostprocessingSweep(settings, executor=executor, chunks=workers)
         handler.attach(evaluator)
-        evaluator.run()
+        with keep_matcher_workers():  # every setting and volume scored here shares the matcher's workers
+            evaluator.run()
     finally:
         if executor is not None:
             executor.shutdown()

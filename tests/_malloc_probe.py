@@ -5,3 +5,7 @@ import os
 
 def _malloc_settings(pred: object, gt: object) -> str | None:
     return os.environ.get("GLIBC_TUNABLES")
+
+
+def _worker_pid(pred: object, gt: object) -> int:
+    return os.getpid()

@@ -21,7 +21,7 @@ from surface_distance import compute_surface_dice_at_tolerance, compute_surface_
 
 from pipeline import score as score_module
 from pipeline.betti import exact_counts, load_reference, reference_counts
-from tests._malloc_probe import _malloc_settings
+from tests._malloc_probe import _malloc_settings, _worker_pid
 from pipeline.errors import MissingMatcherError
 from pipeline.score import (
     CompetitionScore,
@@ -436,6 +436,18 @@ def test_handler_sets_key_metric_and_components():
     assert set(plain.state.metrics) == {"val_score"}
 
 
+@pytest.mark.parametrize(("mode", "kept"), [("exact", 1), ("fast", 0)])
+def test_exact_handler_keeps_the_matcher_workers_for_its_epoch(mode, kept):
+    import pipeline.betti as betti
+
+    probs, labels, _ = _batch()
+    seen = []
+    engine = Engine(lambda engine, batch: seen.append(len(betti._KEPT)) or batch)
+    CompetitionScoreHandler(topo_mode=mode).attach(engine, "val_score")
+    engine.run([(probs, labels)] * 2, max_epochs=2)
+    assert seen == [kept] * 4 and betti._KEPT == []  # one block per epoch, closed when it completes
+
+
 # ------------------------------------------------------------------------------- exact Betti matching (issue 11)
 
 
@@ -637,8 +649,26 @@ def test_matcher_workers_follow_cores_memory_and_size(monkeypatch):
     assert betti.matcher_workers(1, big) == 0 and betti.matcher_workers(8, 20**3) == 0
     monkeypatch.setattr(store, "available_memory", lambda: 2 * 2**30)
     assert betti.matcher_workers(8, big) == 1  # never none: one worker still reuses its heap
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the 16 cores and the 64 GB
     monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
     assert betti.matcher_workers(8, big) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with betti.keep_matcher_workers():  # a block sizes its workers for the calls to come, one octant included
+        assert betti.matcher_workers(1, big) == 9 and betti.matcher_workers(1, 20**3) == 0
     monkeypatch.setenv(betti.MATCHER_WORKERS_ENV, "0")
     assert betti.matcher_workers(8, big) == 0
+
+
+def test_kept_matcher_workers_serve_every_call_of_a_block(monkeypatch):
+    import pipeline.betti as betti
+
+    if load_reference() is None:
+        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    monkeypatch.setattr(betti, "_reference_one", _worker_pid)  # a light module: workers import it quickly
+    masks = [np.ones((4, 4, 4), bool)] * 4
+    with betti.keep_matcher_workers():
+        first = set(betti.reference_counts(masks, masks, workers=2))
+        second = set(betti.reference_counts(masks, masks, workers=2))
+        assert second <= first and len(first) <= 2  # the same processes, so their heaps are reused
+    assert betti._KEPT == []  # the block's workers are gone with it
+    assert set(betti.reference_counts(masks, masks, workers=2)).isdisjoint(first)  # outside: new ones each call
