@@ -52,7 +52,6 @@ __all__ = [
     "build_from_plans",
     "load_model_file",
     "make_plans",
-    "network_from_file",
     "read_plans",
     "resolve_plans",
     "save_postprocessing",
@@ -276,16 +275,6 @@ def resolve_plans(
 def build_from_plans(plans: Mapping[str, Any]) -> nn.Module:
     """The (untrained) network of ``plans``; load the file's weights into it."""
     return build_network(**plans["network"])
-
-
-def network_from_file(model_path: str | os.PathLike, **network: Any) -> nn.Module:
-    """The network of ``model_path``'s plans (weights not loaded), explicit bundle network keys checked against it.
-
-    Example::
-
-        net = network_from_file("bundle/models/model.pt", architecture=None, network_channels=None)
-    """
-    return build_from_plans(resolve_plans(model_path, network, defaults=dict.fromkeys(POSTPROCESSING_KEYS)))
 
 
 def save_postprocessing(
