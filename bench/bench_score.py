@@ -4,15 +4,16 @@ The label holds a few curved sheets (two voxels thick) with a 3-voxel ignored bo
 N holes into the label sheets (real labels have some), so that both masks have loops. The prediction is the label
 shifted by one voxel in places, with holes punched, a sheet cut and dust added. Printed, from one run:
 
-- the exact score (TopoScore exact, the default) and each component, with how many octants needed the matcher;
+- the time to load (or, the first time, compile) the numba kernels of :mod:`pipeline.betti`, paid once per process;
+- the exact score (TopoScore exact, the default) and each component, with how many octants needed the kernels and
+  in how many threads (``--threads``; default: one per core as memory allows);
 - the compiled Betti-Matching-3D (``topolosses`` wheel) called on each octant in turn in this process, as the
-  official metric does, and the ratio of the two (the exact score sends the octants it cannot count in closed form
-  to matcher processes, see ``pipeline.betti.reference_counts``; ``--matcher_workers 0`` keeps them here);
+  official metric does, whether its counts are equal, and the ratio of the two times;
 - the fast estimate's TopoScore and its difference from the exact one.
 
 Run from the repo root (needs ``pip install --no-deps topolosses==0.2.0`` for the matcher column)::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_score.py [--size 320] [--label_holes 0]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_score.py [--size 320] [--label_holes 0] [--threads N]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from pipeline import score
-from pipeline.betti import MATCHER_WORKERS_ENV, keep_matcher_workers, load_reference, matcher_workers, reference_counts
+from pipeline.betti import load_reference, matching_counts, reference_counts
 
 
 def synthetic_pair(size: int, seed: int = 0, label_holes: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,24 +65,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--label_holes", type=int, default=0, help="holes punched into the label sheets")
-    parser.add_argument("--matcher_workers", type=int, default=None, help="matcher processes of the exact score "
-                        "(default: chosen from cores and memory; 0 = in this process)")
-    parser.add_argument("--repeats", type=int, default=1, help="also score the volume this many times in one "
-                        "keep_matcher_workers block (tune and evaluate's case) and print each time")
+    parser.add_argument("--threads", type=int, default=None, help="threads counting the octants of the exact "
+                        "score (default: one per core as memory allows)")
     args = parser.parse_args()
-    if args.matcher_workers is not None:
-        os.environ[MATCHER_WORKERS_ENV] = str(args.matcher_workers)
+    if args.threads is not None:
+        os.environ[score.SCORE_THREADS_ENV] = str(args.threads)
+    cube = np.zeros((4, 4, 4), bool)
+    _, t_load = _timed(matching_counts, cube, cube)
+    print(f"numba kernels loaded (compiled the first time) in {t_load:.2f} s", flush=True)
     pred, label = synthetic_pair(args.size, label_holes=args.label_holes)
     p, g = score._foreground(pred, label, 2)
     octants = list(score._octants(p.shape))
-    n_matcher = sum(not score._block_counts(p[sl], g[sl])[1] for sl in octants)
+    n_kernel = sum(not score._block_counts(p[sl], g[sl])[1].all() for sl in octants)
+    threads = score._octant_threads(len(octants), max(p[sl].size for sl in octants))
 
     # the exact score's parts, timed one by one (score_volume is their sum plus a few additions)
     counts, t_topo = _timed(score.topo_counts, pred, label)
-    if args.repeats > 1:  # as tune and evaluate score volume after volume: the matcher's workers are kept
-        with keep_matcher_workers():
-            times = [_timed(score.topo_counts, pred, label)[1] for _ in range(args.repeats)]
-        print(f"exact topo_counts, {args.repeats} volumes in one block: " + ", ".join(f"{t:.2f}" for t in times) + " s")
     sd, t_sd = _timed(score.surface_dice, pred, label)
     (_, voi_score), t_voi = _timed(score.voi, pred, label)
     t_exact = t_topo + t_sd + t_voi
@@ -90,9 +89,7 @@ def main() -> None:
     result = score.combine_score(topo, sd, voi_score)
     print(f"volume {args.size}^3, {args.label_holes} label holes: score={result:.4f} topo={topo:.4f}", flush=True)
     print(f"counts per dimension (m, p, g): {counts}")
-    sizes = [p[sl].size for sl in octants if not score._block_counts(p[sl], g[sl])[1]]
-    workers = matcher_workers(len(sizes), max(sizes, default=0))
-    print(f"octants needing the matcher: {n_matcher} of {len(octants)}; matcher processes: {workers} "
+    print(f"octants needing the kernels: {n_kernel} of {len(octants)}; threads: {threads} "
           f"({len(os.sched_getaffinity(0))} cores)")
     for name, seconds in [
         ("exact score (total)", t_exact),
@@ -110,7 +107,7 @@ def main() -> None:
     start = time.perf_counter()
     total = np.zeros((3, 3), np.int64)
     for sl in octants:  # one octant after the other in one process, as the official metric does
-        total += reference_counts([p[sl]], [g[sl]], workers=0)[0]
+        total += reference_counts([p[sl]], [g[sl]])[0]
     t_ref = time.perf_counter() - start
     same = {k: tuple(int(v) for v in total[k]) for k in range(3)} == counts
     print(f"{'Betti-Matching-3D per octant':<32} {t_ref:8.2f} s  (counts equal: {same})")

@@ -164,8 +164,8 @@ def score_parser() -> argparse.ArgumentParser:
         "--topo_mode",
         choices=("exact", "fast"),
         default="exact",
-        help="exact (default): official TopoScore, needs 'pip install --no-deps topolosses==0.2.0' for octants "
-        "over 24^3 voxels with loops, cavities or one-sided components; fast: closed-form estimate",
+        help="exact (default): the official TopoScore (Betti-Matching-3D's counts); fast: closed-form estimate "
+        "of the matched features, for following training only",
     )
     return p
 

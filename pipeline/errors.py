@@ -34,7 +34,6 @@ __all__ = [
     "SettingsError",
     "CheckpointDirError",
     "MissingFileError",
-    "MissingMatcherError",
     "Preempted",
     "find_user_error",
     "one_line",
@@ -63,10 +62,6 @@ class CheckpointDirError(PipelineError, ValueError):
 
 class MissingFileError(PipelineError, FileNotFoundError):
     """A file the command needs (e.g. the model weights) does not exist."""
-
-
-class MissingMatcherError(PipelineError, RuntimeError):
-    """The exact TopoScore needs the compiled Betti-Matching-3D for an octant too large for the Python port."""
 
 
 class Preempted(PipelineError):

@@ -3,8 +3,8 @@
 ``bundle/configs/evaluate.yaml`` scores a checkpoint on the validation split with the inference settings; its
 metric handlers (:class:`pipeline.score.CompetitionScoreHandler`, MONAI's Dice) keep one row per volume in
 ``engine.state.metric_details``, and :class:`MetricsWriter` turns those rows into a table keyed by case id. The score is
-exact (TopoScore with the official Betti-matching counts, ``topo_mode='exact'``); training's ``val_score`` uses the
-fast estimate.
+exact (TopoScore with the official Betti-matching counts, ``topo_mode='exact'``), as is training's ``val_score``
+unless ``val_topo_mode: fast``.
 """
 
 from __future__ import annotations

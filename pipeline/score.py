@@ -39,22 +39,18 @@ the program's counts; per octant:
 - **m1 = 0** when P, G or U has no loop; **m2 = 0** when P, G or U has no cavity.
 - **m = p = g** in every dimension when P and G are equal in the octant (the program then runs the same
   union-finds and reductions on P, G and U).
-- An octant where one of these does not apply goes whole to the matcher: the compiled Betti-Matching-3D when
-  the ``topolosses`` wheel is installed (``pip install --no-deps topolosses==0.2.0``), else the pure-Python port
-  of :mod:`pipeline.betti` for octants up to :data:`PORT_MAX_VOXELS` voxels; larger octants then raise a
-  ``MissingMatcherError`` (a ``RuntimeError``) saying what to install. The compiled program runs on one core and
-  spends half its time faulting in fresh memory, so such octants are matched in worker processes, one per core
-  as memory allows, that keep their heap from one octant to the next (:func:`pipeline.betti.reference_counts`;
-  ``MATCHER_WORKERS=0`` in the environment keeps them in this process), and, in :func:`score_volumes`, the exact
-  :class:`CompetitionScoreHandler`'s epoch and ``tune``'s sweep, from one volume to the next.
+- Every other count of an octant, dimension by dimension, comes from :func:`pipeline.betti.matching_counts`: the
+  program's union-finds and reductions, in its order, compiled with numba. The octants of a volume are counted in
+  threads, one per core as memory allows (``SCORE_THREADS`` in the environment fixes the number).
 
-Tested equal to the compiled Betti-Matching-3D, count by count, on 56 random model-like volumes
-(``tests/test_score.py``). Time: ``bench/bench_score.py`` prints the exact score next to the matcher run octant
-by octant as the official code does; the exact score is fast where the closed forms cover the octants and costs
-the matcher's time where they do not.
+Tested equal to the compiled Betti-Matching-3D (the ``topolosses`` 0.2.0 wheel), count by count, on 56 random
+model-like volumes through :func:`topo_counts` and on 48 small ones, flat boxes included, through
+:func:`pipeline.betti.matching_counts` with every dimension counted (``tests/test_score.py``). Time:
+``bench/bench_score.py`` prints the exact score next to that program run octant by octant as the official code
+does: on a 320^3 volume whose eight octants all need the exact dimension-1 count, 2 cores, see the bundle card.
 
-``topo_mode="fast"`` (training's in-loop ``val_score``) never calls the matcher: where the closed forms do not
-apply it estimates ``m0`` from the first P AND G component (raster order) in each P- and G-component, ``m1`` as
+``topo_mode="fast"`` (``val_topo_mode: fast`` in training) uses only the closed forms: where they do not apply it
+estimates ``m0`` from the first P AND G component (raster order) in each P- and G-component, ``m1`` as
 ``min(b1(P), b1(G), b1(P AND G), b1(U))`` per U-component, ``m2`` as the cavities of P AND G holding a cavity of
 P and one of G. Measured on the synthetic dataset's 12 labelled volumes, each with 6 perturbed-label predictions
 (shifted, dilated, eroded, dusted and holed, smoothed noise): it differs from the exact TopoScore on 12 of the 72
@@ -68,13 +64,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
+import multiprocessing
+import os
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +84,12 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
-from pipeline.betti import exact_counts, keep_matcher_workers, load_reference, reference_counts
-from pipeline.errors import MissingMatcherError
+from pipeline.errors import SettingsError
 from transforms.io import case_id
 
 __all__ = [
     "COMPONENT_KEYS",
-    "PORT_MAX_VOXELS",
+    "SCORE_THREADS_ENV",
     "SCORE_WEIGHTS",
     "TOPO_MODES",
     "TOPO_WEIGHTS",
@@ -121,8 +118,12 @@ COMPONENT_KEYS = ("score", "topo", "surface_dice", "voi", "voi_score")
 
 TOPO_MODES = ("exact", "fast")
 """``topo_mode`` values: ``exact`` counts as Betti-Matching-3D does; ``fast`` is the closed-form estimate."""
-PORT_MAX_VOXELS = 24**3
-"""Largest octant (voxels) the pure-Python exact port handles when the compiled reference is not installed."""
+SCORE_THREADS_ENV = "SCORE_THREADS"
+"""Environment variable that fixes the number of threads counting a volume's octants (1: one after the other)."""
+THREAD_MIN_VOXELS = 64**3
+"""Octants smaller than this are counted one after the other: a thread costs more than they take."""
+THREAD_BYTES_PER_VOXEL = 160
+"""Peak memory of counting one octant exactly, per octant voxel (measured ~110 on a 160^3 octant)."""
 
 TopoCounts = dict[int, tuple[int, int, int]]
 
@@ -358,16 +359,16 @@ def _cavities_per_block(cav: np.ndarray, mask: np.ndarray, block: np.ndarray, n_
     return np.bincount(owner, minlength=n_blocks + 1)
 
 
-def _block_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(3, 3) array of (m, p, g) per homology dimension for one octant, and whether every ``m`` is exact.
+def _block_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(3, 3) array of (m, p, g) per homology dimension for one octant, and which rows' ``m`` are exact.
 
     ``p`` and ``g`` are exact. ``m`` is exact where the module docstring proves it; elsewhere it is the estimate
-    of ``topo_mode="fast"`` and the flag is False.
+    of ``topo_mode="fast"`` and its flag is False.
     """
     counts = np.zeros((3, 3), np.int64)
     box = _bbox(p | g, margin=1)
     if box is None:
-        return counts, True
+        return counts, np.ones(3, bool)
     # Components and cavities are unchanged by cropping to the foreground box grown by one background voxel.
     p, g = p[box], g[box]
     c, u = p & g, p | g
@@ -422,41 +423,54 @@ def _block_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, bool]:
         counts[1, 0] = min(int(shared.sum()), counts[1, 1], counts[1, 2])
     if identical:  # the program runs the same union-finds and reductions on P, G and U: every feature matches
         counts[:, 0] = counts[:, 1]
-        return counts, True
-    return counts, exact0 and exact1 and exact2
+        return counts, np.ones(3, bool)
+    return counts, np.array([exact0, exact1, exact2])
 
 
-def _exact_block_counts(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    """Betti-Matching-3D's counts of whole octants: the compiled program if installed, else the Python port."""
-    if not pairs:
-        return []
-    if load_reference() is not None:
-        return reference_counts([p for p, _ in pairs], [g for _, g in pairs])
-    too_big = [p.shape for p, _ in pairs if p.size > PORT_MAX_VOXELS]
-    if too_big:
-        msg = (
-            f"exact TopoScore of an octant of shape {too_big[0]} needs the compiled Betti-Matching-3D "
-            "(pip install --no-deps topolosses==0.2.0); the Python port is limited to "
-            f"{PORT_MAX_VOXELS} voxels per octant. Or use topo_mode='fast' (an estimate)"
-        )
-        raise MissingMatcherError(msg)
-    return [exact_counts(p, g) for p, g in pairs]
+def _octant_counts(p: np.ndarray, g: np.ndarray, mode: str) -> np.ndarray:
+    """(m, p, g) per dimension of one octant: closed forms, and in exact mode the program's counts for the rest."""
+    counts, exact = _block_counts(p, g)
+    if mode == "exact" and not exact.all():
+        from pipeline.betti import matching_counts  # numba: imported when first needed
+
+        dims = [k for k in range(3) if not exact[k]]
+        counts[dims, 0] = matching_counts(p, g, tuple(dims))[dims, 0]
+    return counts
+
+
+def _octant_threads(n_octants: int, voxels: int) -> int:
+    """Threads counting ``n_octants`` octants of up to ``voxels`` voxels at once (the kernels release the GIL).
+
+    ``SCORE_THREADS`` in the environment decides when set. Otherwise one per core this process may use (shared with
+    the machine's other ranks under torchrun), no more than memory holds (:data:`THREAD_BYTES_PER_VOXEL`), and one
+    for octants under :data:`THREAD_MIN_VOXELS` or inside a worker process (``tune --workers`` scores in processes
+    of its own, one per core).
+    """
+    fixed = os.environ.get(SCORE_THREADS_ENV)
+    if fixed is not None:
+        return max(1, int(fixed))
+    if n_octants < 2 or voxels < THREAD_MIN_VOXELS or multiprocessing.parent_process() is not None:
+        return 1
+    from pipeline.store import available_memory
+
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) // ranks
+    by_memory = int(0.8 * available_memory()) // ranks // (THREAD_BYTES_PER_VOXEL * voxels)
+    return max(1, min(n_octants, cores, by_memory))
 
 
 def _topo_counts(p: np.ndarray, g: np.ndarray, mode: str = "exact") -> TopoCounts:
     if mode not in TOPO_MODES:
         msg = f"topo_mode must be one of {TOPO_MODES}, got {mode!r}"
         raise ValueError(msg)
-    total = np.zeros((3, 3), np.int64)
-    pending = []
-    for sl in _octants(p.shape):
-        counts, exact = _block_counts(p[sl], g[sl])
-        if exact or mode == "fast":
-            total += counts
-        else:
-            pending.append((p[sl], g[sl]))
-    for counts in _exact_block_counts(pending):
-        total += counts
+    octants = list(_octants(p.shape))
+    threads = _octant_threads(len(octants), max(p[sl].size for sl in octants))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            per_octant = list(pool.map(lambda sl: _octant_counts(p[sl], g[sl], mode), octants))
+    else:
+        per_octant = [_octant_counts(p[sl], g[sl], mode) for sl in octants]
+    total = np.sum(per_octant, axis=0)
     return {k: (int(total[k, 0]), int(total[k, 1]), int(total[k, 2])) for k in range(3)}
 
 
@@ -478,8 +492,6 @@ def topo_counts(
 
     Raises:
         ValueError: when the arrays are not 3D of one shape or ``topo_mode`` is unknown.
-        RuntimeError: in exact mode, when an octant needs the matcher, the compiled one is not installed and the
-            octant is larger than :data:`PORT_MAX_VOXELS`.
     """
     p, g = _foreground(pred, gt, ignore_label)
     return _topo_counts(p, g, topo_mode)
@@ -519,7 +531,6 @@ def topo_score(pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = 2, t
 
     Raises:
         ValueError: when the arrays are not 3D of one shape.
-        RuntimeError: see :func:`topo_counts`.
     """
     return topo_score_from_counts(topo_counts(pred, gt, ignore_label, topo_mode))
 
@@ -557,7 +568,6 @@ def score_volume(
 
     Raises:
         ValueError: when the arrays are not 3D of one shape.
-        RuntimeError: see :func:`topo_counts`.
     """
     p, g = _foreground(pred, gt, ignore_label)
     topo = topo_score_from_counts(_topo_counts(p, g, topo_mode))
@@ -586,12 +596,11 @@ def score_volumes(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], **kwargs:
         ValueError: when ``pairs`` is empty or an id repeats.
     """
     volumes: dict[str, dict[str, float]] = {}
-    with keep_matcher_workers():  # the volumes share the matcher's workers and their heaps
-        for volume_id, pred, gt in pairs:
-            if volume_id in volumes:
-                msg = f"volume id {volume_id!r} given twice"
-                raise ValueError(msg)
-            volumes[volume_id] = score_volume(pred, gt, **kwargs)
+    for volume_id, pred, gt in pairs:
+        if volume_id in volumes:
+            msg = f"volume id {volume_id!r} given twice"
+            raise ValueError(msg)
+        volumes[volume_id] = score_volume(pred, gt, **kwargs)
     if not volumes:
         msg = "no volumes to score"
         raise ValueError(msg)
@@ -612,7 +621,7 @@ class CompetitionScore(CumulativeIterationMetric):
     Args:
         threshold: ``y_pred > threshold`` is surface (binary masks and probabilities alike).
         ignore_label: label value ignored in ``y``.
-        topo_mode: ``"exact"`` (the official TopoScore) or ``"fast"`` (estimate for in-training validation).
+        topo_mode: ``"exact"`` (the official TopoScore) or ``"fast"`` (the closed-form estimate).
 
     Example::
 
@@ -624,8 +633,8 @@ class CompetitionScore(CumulativeIterationMetric):
     def __init__(self, threshold: float = 0.5, ignore_label: int | None = 2, topo_mode: str = "exact") -> None:
         super().__init__()
         if topo_mode not in TOPO_MODES:
-            msg = f"topo_mode must be one of {TOPO_MODES}, got {topo_mode!r}"
-            raise ValueError(msg)
+            msg = f"topo_mode (train.yaml's val_topo_mode) must be one of {TOPO_MODES}, got {topo_mode!r}"
+            raise SettingsError(msg)
         self.threshold = threshold
         self.ignore_label = ignore_label
         self.topo_mode = topo_mode
@@ -673,8 +682,8 @@ class CompetitionScoreHandler(IgniteMetricHandler):
         component_prefix: when set, also put each component mean into ``engine.state.metrics`` as
             ``f"{component_prefix}{key}"`` (e.g. ``"val_"`` gives ``val_topo``, ``val_surface_dice``, ``val_voi``,
             ``val_voi_score``).
-        topo_mode: ``"exact"`` (the official TopoScore, as evaluation uses) or ``"fast"`` (the estimate, as
-            training's ``val_score`` uses).
+        topo_mode: ``"exact"`` (the official TopoScore) or ``"fast"`` (the estimate; training's
+            ``val_topo_mode``).
 
     Example::
 
@@ -692,28 +701,18 @@ class CompetitionScoreHandler(IgniteMetricHandler):
         topo_mode: str = "exact",
     ) -> None:
         self.component_prefix = component_prefix
-        self._matcher_workers = contextlib.ExitStack()
         super().__init__(
             metric_fn=CompetitionScore(threshold=threshold, ignore_label=ignore_label, topo_mode=topo_mode),
             output_transform=output_transform,
             save_details=save_details,
         )
 
-    def started(self, engine: Any) -> None:
-        super().started(engine)
-        self._matcher_workers.close()
-        if self.metric_fn.topo_mode == "exact":  # the epoch's volumes share the matcher's workers and their heaps
-            self._matcher_workers.enter_context(keep_matcher_workers())
-
     def completed(self, engine: Any, name: str) -> None:
-        try:
-            super().completed(engine, name)
-            if self.component_prefix is not None:
-                for key, value in self.metric_fn.aggregate_components().items():
-                    if key != "score":
-                        engine.state.metrics[f"{self.component_prefix}{key}"] = value
-        finally:
-            self._matcher_workers.close()
+        super().completed(engine, name)
+        if self.component_prefix is not None:
+            for key, value in self.metric_fn.aggregate_components().items():
+                if key != "score":
+                    engine.state.metrics[f"{self.component_prefix}{key}"] = value
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

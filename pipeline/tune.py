@@ -36,7 +36,6 @@ import numpy as np
 from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
-from pipeline.betti import keep_matcher_workers
 from pipeline.score import COMPONENT_KEYS, score_volume
 from transforms.io import atomic_write_bytes
 from transforms.postprocess import build_postprocessing
@@ -256,8 +255,7 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
     try:
         handler = PostprocessingSweep(settings, executor=executor, chunks=workers)
         handler.attach(evaluator)
-        with keep_matcher_workers():  # every setting and volume scored here shares the matcher's workers
-            evaluator.run()
+        evaluator.run()
     finally:
         if executor is not None:
             executor.shutdown()
@@ -317,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset); the exact score names
-        # the compiled matcher it needs (MissingMatcherError)
+        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset)
         from pipeline.errors import find_user_error
 
         user = find_user_error(e) or (e.__cause__ if isinstance(e.__cause__, FileNotFoundError) else None)

@@ -20,9 +20,7 @@ from scipy import ndimage
 from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
 
 from pipeline import score as score_module
-from pipeline.betti import exact_counts, load_reference, reference_counts
-from tests._malloc_probe import _malloc_settings, _worker_pid
-from pipeline.errors import MissingMatcherError
+from pipeline.betti import load_reference, matching_counts, reference_counts
 from pipeline.score import (
     CompetitionScore,
     CompetitionScoreHandler,
@@ -436,41 +434,27 @@ def test_handler_sets_key_metric_and_components():
     assert set(plain.state.metrics) == {"val_score"}
 
 
-@pytest.mark.parametrize(("mode", "kept"), [("exact", 1), ("fast", 0)])
-def test_exact_handler_keeps_the_matcher_workers_for_its_epoch(mode, kept):
-    import pipeline.betti as betti
-
-    probs, labels, _ = _batch()
-    seen = []
-    engine = Engine(lambda engine, batch: seen.append(len(betti._KEPT)) or batch)
-    CompetitionScoreHandler(topo_mode=mode).attach(engine, "val_score")
-    engine.run([(probs, labels)] * 2, max_epochs=2)
-    assert seen == [kept] * 4 and betti._KEPT == []  # one block per epoch, closed when it completes
-
-
 # ------------------------------------------------------------------------------- exact Betti matching (issue 11)
 
 
-def test_reproduction_dimension0_merge_order(monkeypatch):
+def test_reproduction_dimension0_merge_order():
     """A P-only blob, a G-only blob and a shared one: Betti-Matching-3D matches the shared one (m0 = 1).
 
     The issue's (6, 12, 12) block, placed in the first octant of a (12, 24, 24) volume.
     """
-    monkeypatch.setattr(score_module, "load_reference", lambda: None)  # the pure-Python port must be exact too
     pred = np.zeros((12, 24, 24), np.uint8)
     gt = np.zeros_like(pred)
     pred[1:3, 1:3, 1:3] = 1
     pred[3:5, 8:10, 8:10] = 1
     gt[1:3, 1:3, 8:10] = 1
     gt[3:5, 8:10, 8:10] = 1
-    assert (exact_counts(pred[:6, :12, :12] > 0, gt[:6, :12, :12] > 0)[0] == (1, 1, 1)).all()
+    assert (matching_counts(pred[:6, :12, :12] > 0, gt[:6, :12, :12] > 0)[0] == (1, 1, 1)).all()
     assert topo_counts(pred, gt) == {0: (1, 1, 1), 1: (0, 0, 0), 2: (0, 0, 0)}
     assert topo_counts(pred, gt, topo_mode="fast")[0] == (0, 1, 1)  # the estimate this replaced
 
 
-def test_reproduction_dimension1_loops_of_the_union(monkeypatch):
+def test_reproduction_dimension1_loops_of_the_union():
     """Two slabs; P: hole A and pillar X, G: hole B and pillar Y. The union's loop is neither mask's: m1 = 0."""
-    monkeypatch.setattr(score_module, "load_reference", lambda: None)
     pred = np.zeros((14, 20, 30), np.uint8)
     pred[1, 1:9, 1:14] = 1
     pred[5, 1:9, 1:14] = 1
@@ -483,16 +467,18 @@ def test_reproduction_dimension1_loops_of_the_union(monkeypatch):
     assert topo_counts(pred, gt, topo_mode="fast")[1] == (1, 1, 1)
 
 
-def test_exact_needs_the_matcher_for_large_octants(monkeypatch):
-    monkeypatch.setattr(score_module, "load_reference", lambda: None)
+def test_exact_counts_large_octants_by_itself(monkeypatch):
+    """No closed form for m1 here (loops in both masks and their union): counted by the kernels, no reference."""
+    import pipeline.betti as betti
+
+    monkeypatch.setattr(betti, "load_reference", lambda: None)
     pred = np.zeros((60, 60, 60), np.uint8)
     pred[5, 5:25, 5:25] = 1
     gt = pred.copy()
-    pred[5, 20, 20] = gt[5, 20, 20] = 0  # loops in both masks and their union: no closed form
-    pred[5, 8, 8] = 0
-    with pytest.raises(MissingMatcherError, match="topolosses"):
-        topo_counts(pred, gt)
-    assert topo_counts(pred, gt, topo_mode="fast")[1] == (1, 2, 1)
+    pred[5, 20, 20] = gt[5, 20, 20] = 0  # the shared hole: matched
+    pred[5, 8, 8] = 0  # the prediction's own hole
+    gt[5, 15, 12] = 0  # the label's own hole
+    assert topo_counts(pred, gt)[1] == (1, 2, 2)  # Betti-Matching-3D's counts
     with pytest.raises(ValueError, match="topo_mode"):
         topo_counts(pred, gt, topo_mode="approximate")
 
@@ -587,88 +573,97 @@ def test_exact_topo_counts_equal_betti_matching_3d(seed):
     pred = _perturbed(rng, gt) if rng.random() < 0.8 else _model_like(rng, KINDS[rng.integers(len(KINDS))], shape)
     expected = _reference_topo_counts(pred, gt, bm)
     assert topo_counts(pred.astype(np.uint8), gt.astype(np.uint8), ignore_label=None) == expected
+    # every dimension by the kernels alone, no closed form, octant by octant
+    for sl in score_module._octants(pred.shape):
+        assert (matching_counts(pred[sl], gt[sl]) == reference_counts([pred[sl]], [gt[sl]])[0]).all(), sl
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_python_port_equals_betti_matching_3d(seed):
+def test_matching_counts_equal_betti_matching_3d_on_small_and_flat_boxes(seed):
     bm = load_reference()
     if bm is None:
         pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
     rng = np.random.default_rng(100 + seed)
     for i in range(6):
         kind = KINDS[(seed * 6 + i) % len(KINDS)]
-        shape = tuple(int(s) for s in rng.integers(2, 11, 3))
+        shape = tuple(int(s) for s in rng.integers(1, 11, 3))  # sizes of 1: the program counts no cavity there
         gt = _model_like(rng, kind, shape) if min(shape) >= 8 else rng.random(shape) < rng.uniform(0.2, 0.8)
         pred = _perturbed(rng, gt)
-        assert (exact_counts(pred, gt) == reference_counts([pred], [gt])[0]).all(), (kind, shape)
+        assert (matching_counts(pred, gt) == reference_counts([pred], [gt])[0]).all(), (kind, shape)
+        one = matching_counts(pred, gt, dims=(1,))
+        assert (one[1] == matching_counts(pred, gt)[1]).all() and not one[[0, 2]].any()
+
+
+def test_matching_counts_checks_its_input():
+    with pytest.raises(ValueError, match="3D masks of one shape"):
+        matching_counts(np.zeros((4, 4), bool), np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="3D masks of one shape"):
+        matching_counts(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 5), bool))
 
 
 def test_identical_masks_need_no_matcher(monkeypatch):
-    def no_matcher(pairs):
+    import pipeline.betti as betti
+
+    def no_matcher(*args):
         raise AssertionError("identical octants have closed-form counts")
 
-    monkeypatch.setattr(score_module, "_exact_block_counts", lambda pairs: no_matcher(pairs) if pairs else [])
+    monkeypatch.setattr(betti, "matching_counts", no_matcher)
     mask = _blobs(0)
     counts = topo_counts(mask, mask)
     assert all(m == p == g for m, p, g in counts.values()) and counts[1][0] > 0
 
 
 
-def test_matcher_workers_give_the_counts_of_one_process(monkeypatch):
-    import pipeline.betti as betti
-
-    if load_reference() is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+def test_octants_in_threads_give_the_counts_of_one_thread(monkeypatch):
     rng = np.random.default_rng(7)
-    pairs = []
-    for i in range(5):
-        shape = tuple(int(s) for s in rng.integers(9, 20, 3))
-        gt = _model_like(rng, KINDS[i % len(KINDS)], shape)
-        pairs.append((_perturbed(rng, gt), gt))
-    preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
-    here = reference_counts(preds, gts, workers=0)
-    assert [c.tolist() for c in reference_counts(preds, gts, workers=2)] == [c.tolist() for c in here]
-    # the workers start with the malloc settings that make the program reuse its heap; the caller's env is kept
-    monkeypatch.setattr(betti, "_reference_one", _malloc_settings)  # a light module: workers import it quickly
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
-    assert betti._in_workers(preds[:2], gts[:2], 2) == [betti.MATCHER_TUNABLES] * 2
-    assert __import__("os").environ["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
+    gt = _model_like(rng, "sheets", (30, 34, 38))
+    pred = _perturbed(rng, gt)
+    monkeypatch.setenv(score_module.SCORE_THREADS_ENV, "1")
+    serial = topo_counts(pred, gt, ignore_label=None)
+    monkeypatch.setenv(score_module.SCORE_THREADS_ENV, "3")
+    assert topo_counts(pred, gt, ignore_label=None) == serial
 
 
-def test_matcher_workers_follow_cores_memory_and_size(monkeypatch):
-    import pipeline.betti as betti
+def test_octant_threads_follow_cores_memory_and_size(monkeypatch):
     import pipeline.store as store
 
-    monkeypatch.delenv(betti.MATCHER_WORKERS_ENV, raising=False)
+    monkeypatch.delenv(score_module.SCORE_THREADS_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(betti.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(score_module.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
-    big = 160**3  # 5.7 GB per worker: 64 GB holds 9
-    assert betti.matcher_workers(8, big) == 8
-    assert betti.matcher_workers(16, big) == 9
-    assert betti.matcher_workers(1, big) == 0 and betti.matcher_workers(8, 20**3) == 0
-    monkeypatch.setattr(store, "available_memory", lambda: 2 * 2**30)
-    assert betti.matcher_workers(8, big) == 1  # never none: one worker still reuses its heap
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the 16 cores and the 64 GB
+    big = 160**3
+    assert score_module._octant_threads(8, big) == 8
+    assert score_module._octant_threads(1, big) == 1 and score_module._octant_threads(8, 20**3) == 1
+    monkeypatch.setattr(store, "available_memory", lambda: 2 * 2**30)  # 0.65 GB an octant: 1.6 GB holds 2
+    assert score_module._octant_threads(8, big) == 2
     monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
-    assert betti.matcher_workers(8, big) == 2
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    with betti.keep_matcher_workers():  # a block sizes its workers for the calls to come, one octant included
-        assert betti.matcher_workers(1, big) == 9 and betti.matcher_workers(1, 20**3) == 0
-    monkeypatch.setenv(betti.MATCHER_WORKERS_ENV, "0")
-    assert betti.matcher_workers(8, big) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the 16 cores
+    assert score_module._octant_threads(8, big) == 4
+    monkeypatch.setenv(score_module.SCORE_THREADS_ENV, "3")
+    assert score_module._octant_threads(8, 20**3) == 3
 
 
-def test_kept_matcher_workers_serve_every_call_of_a_block(monkeypatch):
-    import pipeline.betti as betti
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_train_config_val_topo_mode_reaches_the_handler(mode):
+    from pathlib import Path
 
-    if load_reference() is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
-    monkeypatch.setattr(betti, "_reference_one", _worker_pid)  # a light module: workers import it quickly
-    masks = [np.ones((4, 4, 4), bool)] * 4
-    with betti.keep_matcher_workers():
-        first = set(betti.reference_counts(masks, masks, workers=2))
-        second = set(betti.reference_counts(masks, masks, workers=2))
-        assert second <= first and len(first) <= 2  # the same processes, so their heaps are reused
-    assert betti._KEPT == []  # the block's workers are gone with it
-    assert set(betti.reference_counts(masks, masks, workers=2)).isdisjoint(first)  # outside: new ones each call
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "train.yaml"))
+    assert parser["val_topo_mode"] == "exact"  # the default: val_score is the competition's score
+    parser["val_topo_mode"] = mode
+    handler = parser.get_parsed_content("validate#additional_metrics")["val_score"]
+    assert handler.metric_fn.topo_mode == mode
+
+
+def test_unknown_topo_mode_is_one_line_naming_the_key():
+    from pipeline.errors import SettingsError, one_line
+
+    with pytest.raises(SettingsError, match="val_topo_mode") as info:
+        CompetitionScoreHandler(topo_mode="approximate")
+    try:  # as MONAI wraps what a config expression raises
+        raise RuntimeError("Failed to evaluate ConfigExpression") from info.value
+    except RuntimeError as wrapped:
+        line, code, expected = one_line(wrapped)
+    assert line.startswith("error: topo_mode (train.yaml's val_topo_mode) must be one of") and code == 2 and expected
