@@ -174,14 +174,20 @@ def _cubes_beside(x, y, z, t, n0, n1, n2) -> tuple[int, int]:
 
 
 @nb.njit(**_JIT)
-def _dim2_pass(squares, cubes, cubes_u, n0, n1, n2, key_of_pair, is_pair) -> None:
-    """One image's dimension-2 pairs (``is_pair`` over squares), each keyed by U's younger root (first one kept).
+def _dim2_union_find(squares, cubes, n0, n1, n2, cubes_u, key_of_pair, marks, key_p, key_g, matched) -> int:
+    """A dimension-2 union-find over cubes (the outside: value infinity), squares in decreasing (value, index) order.
 
-    A union-find over cubes (the outside: value infinity), squares in decreasing (value, index) order; the second
-    union-find over ``cubes_u`` takes the same unions.
+    For one image (``cubes_u`` not empty): marks its finite pairs in ``marks`` and keys each by the younger root of
+    a second union-find over ``cubes_u`` that takes the same unions (the first pair under a key is kept, in
+    ``key_of_pair``). For U itself (``cubes_u`` empty): marks every square that joins two components (they reduce
+    to zero in dimension 1: cleared) and, when ``key_p`` is not empty, counts the finite pairs whose younger root
+    keys a P-pair and a G-pair, marking those pairs in ``matched`` (rows 0 and 1). Returns that count.
     """
+    image = cubes_u.size > 0
+    count = key_p.size > 0
     parent = np.arange(cubes.size).astype(np.int32)
-    parent_u = np.arange(cubes.size).astype(np.int32)
+    parent_u = np.arange(cubes_u.size).astype(np.int32)
+    m = 0
     for value in range(1, -1, -1):
         for x in range(n0 - 1, -1, -1):
             for y in range(n1 - 1, -1, -1):
@@ -195,41 +201,18 @@ def _dim2_pass(squares, cubes, cubes_u, n0, n1, n2, key_of_pair, is_pair) -> Non
                         if ra == rb:
                             continue
                         younger = _link(parent, cubes, ra, rb, True)
-                        younger_u = _link(parent_u, cubes_u, _find(parent_u, a), _find(parent_u, b), True)
-                        if cubes[younger] != value:
-                            is_pair[s] = True
-                            if key_of_pair[younger_u] < 0:
-                                key_of_pair[younger_u] = s
-
-
-@nb.njit(**_JIT)
-def _dim2_comparison(squares_u, cubes_u, n0, n1, n2, key_p, key_g, matched_p, matched_g, paired) -> int:
-    """U's dimension-2 union-find: marks the squares it pairs (``paired``, for clearing) and counts the matches.
-
-    A finite U-pair matches when its younger root keys a P-pair and a G-pair (``key_p``, ``key_g``; empty: count
-    nothing), which are then marked in ``matched_p``, ``matched_g``.
-    """
-    parent = np.arange(cubes_u.size).astype(np.int32)
-    count = key_p.size > 0
-    m = 0
-    for value in range(1, -1, -1):
-        for x in range(n0 - 1, -1, -1):
-            for y in range(n1 - 1, -1, -1):
-                for z in range(n2 - 1, -1, -1):
-                    for t in range(2, -1, -1):
-                        s = ((x * n1 + y) * n2 + z) * 3 + t
-                        if squares_u[s] != value:
+                        if image:
+                            younger_u = _link(parent_u, cubes_u, _find(parent_u, a), _find(parent_u, b), True)
+                            if cubes[younger] != value:
+                                marks[s] = True
+                                if key_of_pair[younger_u] < 0:
+                                    key_of_pair[younger_u] = s
                             continue
-                        a, b = _cubes_beside(x, y, z, t, n0, n1, n2)
-                        ra, rb = _find(parent, a), _find(parent, b)
-                        if ra == rb:
-                            continue
-                        paired[s] = True
-                        younger = _link(parent, cubes_u, ra, rb, True)
-                        if count and cubes_u[younger] != value and key_p[younger] >= 0 and key_g[younger] >= 0:
+                        marks[s] = True
+                        if count and cubes[younger] != value and key_p[younger] >= 0 and key_g[younger] >= 0:
                             m += 1
-                            matched_p[key_p[younger]] = True
-                            matched_g[key_g[younger]] = True
+                            matched[0, key_p[younger]] = True
+                            matched[1, key_g[younger]] = True
     return m
 
 
@@ -444,21 +427,17 @@ def matching_counts(pred: np.ndarray, gt: np.ndarray, dims: tuple[int, ...] = (0
     if not flat and (2 in dims or 1 in dims):
         outside = np.array([3], np.uint8)  # infinity
         cubes_p, cubes_g, cubes_u = (np.concatenate([c, outside]) for c in (cubes_p, cubes_g, cubes_u))
-        no_key = np.empty(0, np.int64)
+        none8, none64 = np.empty(0, np.uint8), np.empty(0, np.int64)
+        keys, pairs = [none64, none64], [cleared, cleared]
+        matched = np.zeros((2, squares_u.size if 2 in dims else 0), np.bool_)
         if 2 in dims:
-            keys, pairs = [], []
-            for squares, cubes in ((squares_p, cubes_p), (squares_g, cubes_g)):
-                key_of_pair = np.full(cubes.size, -1, np.int64)
-                is_pair = np.zeros(squares.size, np.bool_)
-                _dim2_pass(squares, cubes, cubes_u, n0, n1, n2, key_of_pair, is_pair)
-                keys.append(key_of_pair)
-                pairs.append(is_pair)
-            matched = [np.zeros(squares_u.size, np.bool_) for _ in range(2)]
-            m = _dim2_comparison(squares_u, cubes_u, n0, n1, n2, *keys, *matched, cleared)
+            for i, (squares, cubes) in enumerate(((squares_p, cubes_p), (squares_g, cubes_g))):
+                keys[i] = np.full(cubes.size, -1, np.int64)
+                pairs[i] = np.zeros(squares.size, np.bool_)
+                _dim2_union_find(squares, cubes, n0, n1, n2, cubes_u, keys[i], pairs[i], none64, none64, matched)
+        m = _dim2_union_find(squares_u, cubes_u, n0, n1, n2, none8, none64, cleared, keys[0], keys[1], matched)
+        if 2 in dims:
             counts[2] = (m, m + int((pairs[0] & ~matched[0]).sum()), m + int((pairs[1] & ~matched[1]).sum()))
-        else:
-            unused = np.zeros(0, np.bool_)
-            _dim2_comparison(squares_u, cubes_u, n0, n1, n2, no_key, no_key, unused, unused, cleared)
     if 1 in dims:
         owner = np.empty(squares_u.size, np.int32)
         parent = np.empty(vox_u.size, np.int64)
