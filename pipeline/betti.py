@@ -415,7 +415,7 @@ def matching_counts(pred: np.ndarray, gt: np.ndarray, dims: tuple[int, ...] = (0
         msg = f"matching_counts needs two 3D masks of one shape, got {p.shape} and {g.shape}"
         raise ValueError(msg)
     if 3 * p.size >= 2**31:  # cell slots are int32 in the reductions; the competition's octants are 160^3
-        msg = f"matching_counts takes blocks of under {2**31 // 3} voxels, got {p.shape}: count it by octants"
+        msg = f"matching_counts takes blocks of under {2**31 // 3} voxels (int32 cell slots), got {p.shape}"
         raise ValueError(msg)
     n0, n1, n2 = p.shape
     n12 = n1 * n2

@@ -122,8 +122,9 @@ SCORE_THREADS_ENV = "SCORE_THREADS"
 """Environment variable that fixes the number of threads counting a volume's octants (1: one after the other)."""
 THREAD_MIN_VOXELS = 64**3
 """Octants smaller than this are counted one after the other: a thread costs more than they take."""
-THREAD_BYTES_PER_VOXEL = 160
-"""Peak memory of counting one octant exactly, per octant voxel (measured ~110 on a 160^3 octant)."""
+THREAD_BYTES_PER_VOXEL = 200
+"""Peak memory of counting one octant exactly, per octant voxel (measured: ~115 on a 160^3 octant of sheets,
+~145 on noise)."""
 
 TopoCounts = dict[int, tuple[int, int, int]]
 
@@ -277,8 +278,8 @@ def _voi(p: np.ndarray, g: np.ndarray, alpha: float) -> tuple[float, float]:
     if box is None:
         return 0.0, 1.0
     p, g = p[box], g[box]
-    lab_p, n_p = cc3d.connected_components(p, connectivity=26, return_N=True, out_dtype=np.uint32)
-    lab_g = cc3d.connected_components(g, connectivity=26, out_dtype=np.uint32)
+    lab_p, n_p = _label26(p)
+    lab_g, _ = _label26(g)
     union = p | g
     joint = lab_g[union].astype(np.int64) * (n_p + 1) + lab_p[union]
     _, counts_joint = np.unique(joint, return_counts=True)
@@ -312,9 +313,19 @@ def _label6(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
+def _label26(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components; masks thinner than 3 along an axis are padded with background first (cc3d 4.1.1
+    fails on some of them, e.g. any (1, 1, n) with n = 3, 7, 10, ...: a one-voxel line of prediction)."""
+    if min(mask.shape) >= 3:
+        labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True, out_dtype=np.uint32)
+        return labels, int(n)
+    labels, n = cc3d.connected_components(np.pad(mask, 1), connectivity=26, return_N=True, out_dtype=np.uint32)
+    return labels[1:-1, 1:-1, 1:-1], int(n)
+
+
 def _cavities(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Labels 1..n of the 26-connected background components that do not touch the array border."""
-    labels, n = cc3d.connected_components(~mask, connectivity=26, return_N=True, out_dtype=np.uint32)
+    labels, n = _label26(~mask)
     keep = np.ones(n + 1, bool)
     keep[0] = False
     for axis in range(3):
@@ -448,6 +459,9 @@ def _octant_threads(n_octants: int, voxels: int) -> int:
     """
     fixed = os.environ.get(SCORE_THREADS_ENV)
     if fixed is not None:
+        if not fixed.strip().isdigit():
+            msg = f"{SCORE_THREADS_ENV}={fixed!r} in the environment: give a number of threads (1: none in parallel)"
+            raise SettingsError(msg)
         return max(1, int(fixed))
     if n_octants < 2 or voxels < THREAD_MIN_VOXELS or multiprocessing.parent_process() is not None:
         return 1
@@ -633,7 +647,7 @@ class CompetitionScore(CumulativeIterationMetric):
     def __init__(self, threshold: float = 0.5, ignore_label: int | None = 2, topo_mode: str = "exact") -> None:
         super().__init__()
         if topo_mode not in TOPO_MODES:
-            msg = f"topo_mode (train.yaml's val_topo_mode) must be one of {TOPO_MODES}, got {topo_mode!r}"
+            msg = f"topo_mode must be one of {TOPO_MODES}, got {topo_mode!r} (in training: val_topo_mode)"
             raise SettingsError(msg)
         self.threshold = threshold
         self.ignore_label = ignore_label
