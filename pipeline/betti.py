@@ -426,15 +426,17 @@ def matching_counts(pred: np.ndarray, gt: np.ndarray, dims: tuple[int, ...] = (0
     flat = min(p.shape) < 2  # the program computes no cavities (and clears nothing) in a flat box
     if not flat and (2 in dims or 1 in dims):
         outside = np.array([3], np.uint8)  # infinity
-        cubes_p, cubes_g, cubes_u = (np.concatenate([c, outside]) for c in (cubes_p, cubes_g, cubes_u))
+        cubes_u = np.concatenate([cubes_u, outside])
         none8, none64 = np.empty(0, np.uint8), np.empty(0, np.int64)
-        keys, pairs = [none64, none64], [cleared, cleared]
+        keys, pairs = [none64, none64], []
         matched = np.zeros((2, squares_u.size if 2 in dims else 0), np.bool_)
-        if 2 in dims:
+        if 2 in dims:  # each image's pairs, keyed for the comparison's union-find
             for i, (squares, cubes) in enumerate(((squares_p, cubes_p), (squares_g, cubes_g))):
-                keys[i] = np.full(cubes.size, -1, np.int64)
-                pairs[i] = np.zeros(squares.size, np.bool_)
+                keys[i] = np.full(cubes_u.size, -1, np.int64)
+                pairs.append(np.zeros(squares.size, np.bool_))
+                cubes = np.concatenate([cubes, outside])
                 _dim2_union_find(squares, cubes, n0, n1, n2, cubes_u, keys[i], pairs[i], none64, none64, matched)
+        # U's union-find: the squares it clears for dimension 1, and the dimension-2 matches when keyed
         m = _dim2_union_find(squares_u, cubes_u, n0, n1, n2, none8, none64, cleared, keys[0], keys[1], matched)
         if 2 in dims:
             counts[2] = (m, m + int((pairs[0] & ~matched[0]).sum()), m + int((pairs[1] & ~matched[1]).sum()))
