@@ -17,8 +17,8 @@ import torch
 from monai.networks.nets import UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.engine import autocast_for, cpu_has_fast_bf16  # noqa: E402
-from pipeline.losses import MaskedDiceBCELoss  # noqa: E402
+from pipeline.training.losses import MaskedDiceBCELoss  # noqa: E402
+from pipeline.utils.amp import autocast_for, cpu_has_fast_bf16  # noqa: E402
 
 
 def samples_per_s(dtype: torch.dtype | None, patch: int, batch: int, iters: int) -> float:

@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
-from pipeline.checkpoint import TrainingCheckpointer, find_latest_checkpoint
+from pipeline.training.checkpoint import TrainingCheckpointer, find_latest_checkpoint
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Training throughput on this CPU: 2 DDP processes (gloo) x 1 thread against 1 process x 2 threads.
 
-Both train the same tiny 3D UNet with ``pipeline.engine.Trainer`` and the project's loss for the same number of
+Both train the same tiny 3D UNet with ``pipeline.training.engine.Trainer`` and the project's loss for the same number of
 optimizer steps at the same effective batch (``--batch`` patches per step: split over the 2 ranks under DDP).
 Each configuration runs ``--repeats`` times, alternating, and the fastest run of each counts (the machine is shared).
 
@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.engine import Trainer  # noqa: E402
-from pipeline.losses import MaskedDiceBCELoss  # noqa: E402
+from pipeline.training.engine import Trainer  # noqa: E402
+from pipeline.training.losses import MaskedDiceBCELoss  # noqa: E402
 
 
 def _samples(n: int, patch: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -28,10 +28,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.monitor import ProgressHandler, ThroughputMonitor  # noqa: E402
-from pipeline.plots import TensorBoardPreview, TrainingCurves  # noqa: E402
-from pipeline.schedulers import build_lr_scheduler  # noqa: E402
-
+from pipeline.training.monitor import ProgressHandler, ThroughputMonitor  # noqa: E402
+from pipeline.training.plots import TensorBoardPreview, TrainingCurves  # noqa: E402
+from pipeline.training.schedulers import build_lr_scheduler  # noqa: E402
 
 _OURS = ("ProgressHandler", "ThroughputMonitor", "TrainingCurves", "TensorBoardPreview")
 

@@ -1,7 +1,7 @@
 """Inference at scale, measured in one run on this machine:
 
 1. speed: in-memory sliding-window inference (what inference.yaml does: NormalizeIntensity, ``make_inferer``,
-   threshold) against streaming block-wise prediction (``pipeline.predict.StreamingPredictor``: zarr in, zarr out,
+   threshold) against streaming block-wise prediction (``pipeline.inference.predict.StreamingPredictor``: zarr in, zarr out,
    statistics pass, blocks with halos) on one ``--size``^3 uint8 volume; prints both times, the speed ratio and the
    largest probability difference;
 2. memory: peak RSS of streaming prediction (each in a fresh process) on synthetic ``--rss_sizes`` zarr volumes,
@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.predict import StreamingPredictor, plan_blocks  # noqa: E402
+from pipeline.inference.predict import StreamingPredictor, plan_blocks  # noqa: E402
 
 
 def _unet(channels: list[int]) -> torch.nn.Module:
@@ -69,7 +69,7 @@ def bench_speed(args: argparse.Namespace, work: Path) -> None:
     import zarr
     from monai.transforms import NormalizeIntensity
 
-    from pipeline.inferers import make_inferer
+    from pipeline.inference.inferers import make_inferer
 
     src = work / "speed.zarr"
     _write_volume(src, args.size)
@@ -134,7 +134,7 @@ def bench_rss(args: argparse.Namespace, work: Path) -> None:
 
 
 def bench_ranks(args: argparse.Namespace, work: Path) -> None:
-    from pipeline.synth import SynthConfig, generate_dataset
+    from pipeline.data.synth import SynthConfig, generate_dataset
 
     shape = (args.rank_size,) * 3
     data = generate_dataset(work / "ranks_data", SynthConfig(n_train=2, n_test=args.rank_volumes, shapes=(shape,), seed=0))

@@ -4,7 +4,7 @@ One run: train a model on the synthetic default dataset (or take ``--ckpt``), th
 (``train.yaml`` + ``evaluate.yaml``):
 
 1. without TTA, score the raw mask (``probs >= 0.5``, nothing else), the inference defaults and every setting of
-   the tuning grid (:class:`pipeline.tune.SweepGrid`), on probabilities computed once per volume;
+   the tuning grid (:class:`pipeline.evaluation.tune.SweepGrid`), on probabilities computed once per volume;
 2. with 8x mirror TTA, score the raw mask, the inference defaults and the best setting of step 1.
 
 The "tuned" rows are chosen on the volumes they are scored on, so they are optimistic by the selection. Run from
@@ -25,9 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.__main__ import parse_overrides
-from pipeline.score import COMPONENT_KEYS
-from pipeline.tune import SETTING_KEYS, SweepGrid, format_overrides, load_config, sweep
+from pipeline.cli.main import parse_overrides
+from pipeline.evaluation.score import COMPONENT_KEYS
+from pipeline.evaluation.tune import (
+    SETTING_KEYS,
+    SweepGrid,
+    format_overrides,
+    load_config,
+    sweep,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = {"threshold": 0.5, "hysteresis_low": None, "hysteresis_high": None, "closing_radius": 0, "plug_holes": False,

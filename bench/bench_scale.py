@@ -76,7 +76,7 @@ class StepTimer:
 
 
 def generate(data: Path, n: int) -> None:
-    from pipeline.synth import SynthConfig, generate_dataset
+    from pipeline.data.synth import SynthConfig, generate_dataset
 
     if (data / "train.csv").is_file():
         return
@@ -86,7 +86,7 @@ def generate(data: Path, n: int) -> None:
 
 
 def dataset_bytes(data: Path) -> int:
-    from pipeline.data import train_datalist
+    from pipeline.data.datalist import train_datalist
     from transforms.io import read_volume_shape
 
     return sum(2 * int(__import__("numpy").prod(read_volume_shape(c["image"]))) for c in train_datalist(data))
@@ -98,8 +98,8 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tu
     import torch
     from monai.bundle import ConfigParser
 
-    from pipeline.data import prepare_datalists
-    from pipeline.store import build_store
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.data.store import build_store
 
     torch.set_num_threads(1)
     lists = prepare_datalists(data, check=False)
@@ -163,7 +163,7 @@ def train_run(name: str, data: Path, work: Path, cap_bytes: int | None, iteratio
     settings = {"dataset_dir": str(data), "output_dir": str(work / "outputs" / name), "ckpt_dir": str(work / "models" / name),
                 "cache_dir": str(work / "store"), "epochs": 1, "val_score": False, "training_curves": False,
                 "tensorboard_preview": False, "train#trainer#epoch_length": iterations, **overrides}
-    from pipeline.launch import torchrun_command
+    from pipeline.cli.launch import torchrun_command
 
     if nproc > 1:
         configs += [str(REPO / "bundle" / "configs" / "multi_gpu_train.yaml"), str(timer_yaml)]
@@ -210,8 +210,8 @@ def validation_share(data: Path, store_dir: Path, train_step_s: float, max_cases
     import torch
     from monai.bundle import ConfigParser
 
-    from pipeline.data import prepare_datalists
-    from pipeline.store import build_store
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.data.store import build_store
 
     parser = ConfigParser()
     parser.read_config(str(TRAIN))

@@ -4,7 +4,7 @@ The label holds a few curved sheets (two voxels thick) with a 3-voxel ignored bo
 N holes into the label sheets (real labels have some), so that both masks have loops. The prediction is the label
 shifted by one voxel in places, with holes punched, a sheet cut and dust added. Printed, from one run:
 
-- the time to load (or, the first time, compile) the numba kernels of :mod:`pipeline.betti`, paid once per process;
+- the time to load (or, the first time, compile) the numba kernels of :mod:`pipeline.evaluation.betti`, paid once per process;
 - the exact score (TopoScore exact, the default) and each component, with how many octants needed the kernels and
   in how many threads (``--threads``; default: one per core as memory allows);
 - the compiled Betti-Matching-3D (``topolosses`` wheel) called on each octant in turn in this process, as the
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
-from pipeline import score
-from pipeline.betti import load_reference, matching_counts, reference_counts
+from pipeline.evaluation import score
+from pipeline.evaluation.betti import load_reference, matching_counts, reference_counts
 
 
 def synthetic_pair(size: int, seed: int = 0, label_holes: int = 0) -> tuple[np.ndarray, np.ndarray]:

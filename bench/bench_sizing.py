@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/<name>.py
 from monai.bundle import ConfigParser
 
-from pipeline.paths import BUNDLE
+from pipeline.utils.paths import BUNDLE
 
 CUDA_CONTEXT_GB = 1.5  # CUDA context + cuDNN workspace + allocator slack
 

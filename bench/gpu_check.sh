@@ -37,7 +37,7 @@ EOF
 
 echo "== synthetic dataset"
 "$PY" -c "
-from pipeline.synth import SynthConfig, generate_dataset
+from pipeline.data.synth import SynthConfig, generate_dataset
 generate_dataset('$WORK/data', SynthConfig(n_train=16, n_test=1))
 "
 
@@ -45,7 +45,7 @@ generate_dataset('$WORK/data', SynthConfig(n_train=16, n_test=1))
 cat > "$WORK/gpu_check.yaml" <<'EOF'
 run:
 - "$print('GPU_CHECK backend', torch.distributed.get_backend(), 'device', @device, 'world', torch.distributed.get_world_size(), flush=True)"
-- "$pipeline.distributed.run_and_teardown(@train#trainer)"
+- "$pipeline.utils.distributed.run_and_teardown(@train#trainer)"
 - "$print('GPU_CHECK amp', @train#trainer.amp_dtype, 'GradScaler', @train#trainer.scaler is not None, 'scale', @train#trainer.scaler.get_scale() if @train#trainer.scaler else None, flush=True)"
 - "$print('GPU_CHECK last epoch {:.1f} patches/s, peak GPU memory {:.2f} GiB'.format(len(@train#dataloader) * @batch_size * @num_samples / @train#trainer.state.times['EPOCH_COMPLETED'], torch.cuda.max_memory_allocated() / 2**30), flush=True)"
 EOF
@@ -73,7 +73,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
-from pipeline.synth import make_volume
+from pipeline.data.synth import make_volume
 from transforms.io import write_volume
 out = Path(sys.argv[1])
 def one(i):

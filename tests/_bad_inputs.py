@@ -148,9 +148,9 @@ TEST_CASES = {"missing dataset folder", "empty test folder", "unreadable test im
 def _in_process(args: list[str], capture: io.StringIO) -> tuple[int, str]:
     """Run ``python -m pipeline ARGS`` or ``python -m monai.bundle ARGS`` in this process (a process start costs
     more than the check itself): the exit code and last line the command prints. The bundle's is what
-    ``pipeline.errors.excepthook`` prints, i.e. ``one_line`` of the exception."""
-    from pipeline.__main__ import main
-    from pipeline.errors import one_line
+    ``pipeline.utils.errors.excepthook`` prints, i.e. ``one_line`` of the exception."""
+    from pipeline.cli.main import main
+    from pipeline.utils.errors import one_line
 
     with contextlib.redirect_stderr(capture):
         if args[1:3] == ["-m", "pipeline"]:
@@ -196,7 +196,7 @@ if __name__ == "__main__":
     import torch
     from monai.bundle import ConfigParser
 
-    from pipeline.synth import SynthConfig, generate_dataset
+    from pipeline.data.synth import SynthConfig, generate_dataset
     from tests.conftest import TINY_NETWORK, TINY_SHAPES
 
     with tempfile.TemporaryDirectory() as tmp:

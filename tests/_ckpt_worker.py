@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from pipeline.checkpoint import TrainingCheckpointer
+from pipeline.training.checkpoint import TrainingCheckpointer
 
 KEYS = ("image", "label")
 
@@ -189,7 +189,7 @@ def train_then_signal(ckpt_dir: str, record_to: str, signal_at: int, signum: int
     def _signal(_: Any) -> None:
         os.kill(os.getpid(), signum)
 
-    from pipeline.errors import Preempted
+    from pipeline.utils.errors import Preempted
 
     try:
         setup.trainer.run()
@@ -201,7 +201,7 @@ def train_then_signal(ckpt_dir: str, record_to: str, signal_at: int, signum: int
 def train_then_kill_at_final_write(ckpt_dir: str, max_epochs: int) -> None:
     """Train to ``max_epochs``; SIGKILL this process when the final checkpoint write begins (after the last
     epoch's checkpoint): the late kill the next run must complete."""
-    import pipeline.checkpoint as ckpt
+    import pipeline.training.checkpoint as ckpt
 
     torch.set_num_threads(1)
     real_save = ckpt.atomic_save

@@ -16,7 +16,7 @@ from monai.data import DataLoader, Dataset
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.engine import Trainer
+from pipeline.training.engine import Trainer
 
 SAMPLE_SHAPE = (1, 6, 6, 6)
 
@@ -145,7 +145,7 @@ def hang_worker(rank: int, world: int, port: int, out_dir: str, timeout_minutes:
     """Rank 0 enters an all-reduce that rank 1 never joins; rank 0 records how long until the collective raised."""
     import time
 
-    from pipeline.distributed import destroy_distributed, init_distributed
+    from pipeline.utils.distributed import destroy_distributed, init_distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init_distributed("cpu", timeout_minutes=timeout_minutes)

@@ -12,8 +12,8 @@ from unittest import mock
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.checkpoint import TrainingCheckpointer
-from pipeline.losses import MaskedDiceBCELoss
+from pipeline.training.checkpoint import TrainingCheckpointer
+from pipeline.training.losses import MaskedDiceBCELoss
 
 
 class FailingLoss(MaskedDiceBCELoss):
@@ -56,7 +56,7 @@ class FullDiskCheckpointer(TrainingCheckpointer):
         self.saves += 1
         if self.saves < self.full_from:
             return super().save(engine, filename)
-        with mock.patch("transforms.io._free_bytes", return_value=1000):
+        with mock.patch("pipeline.utils.files._free_bytes", return_value=1000):
             return super().save(engine, filename)
 
 

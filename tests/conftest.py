@@ -42,7 +42,7 @@ TINY_INFER = {
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    from pipeline.synth import SynthConfig, generate_dataset
+    from pipeline.data.synth import SynthConfig, generate_dataset
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     return generate_dataset(out, SynthConfig(n_train=5, n_test=2, shapes=TINY_SHAPES, n_scrolls=2, seed=1))

@@ -2,7 +2,7 @@
 
 ``RandCropByLabelClassesd`` needs the whole volume as a tensor and, behind ``CacheDataset``, a deep copy of it at
 every visit (183 ms of a 220 ms visit at 320^3). These transforms take the crop centres sampled once when the
-volume store was built (``pipeline.store``) and slice only the patch out of the ``np.memmap`` (or in-RAM array):
+volume store was built (``pipeline.data.store``) and slice only the patch out of the ``np.memmap`` (or in-RAM array):
 the read is the patch, the copy is the patch, the volume stays uint8 until then. Sampling follows MONAI's
 ``RandCropByLabelClasses``: a class by ``ratios`` (classes without voxels are skipped), a random centre of that
 class, the window clamped into the volume; a volume smaller than the patch is padded symmetrically (image with
@@ -99,7 +99,7 @@ class RandCropByStoredCentresd(Randomizable, MapTransform):
         spatial_size: patch size (Z, Y, X).
         ratios: sampling weight per class (background, surface).
         num_samples: patches per volume.
-        centres_key: key of the per-class centre arrays (``pipeline.store.StoreDataset`` puts them there).
+        centres_key: key of the per-class centre arrays (``pipeline.data.store.StoreDataset`` puts them there).
         pad_values: padding value per key (default: 0 for the first key, 2 = unlabeled for the others).
         allow_missing_keys: do not raise on missing keys.
 

@@ -7,15 +7,12 @@ end: the array a reader returns, the patches the network sees and the masks writ
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -23,14 +20,12 @@ from monai.data import ImageReader
 from monai.data.utils import is_supported_format
 from monai.utils import ensure_tuple
 
+from pipeline.utils.files import atomic_write
+
 __all__ = [
     "TIFF_SUFFIXES",
-    "MIN_FREE_MARGIN",
     "VolumeError",
-    "DiskError",
     "TiffReader",
-    "atomic_write",
-    "atomic_write_bytes",
     "case_id",
     "read_volume",
     "read_volume_shape",
@@ -38,112 +33,6 @@ __all__ = [
 ]
 
 TIFF_SUFFIXES = ("tif", "tiff")
-MIN_FREE_MARGIN = 1 << 20  # bytes left free beyond a write's expected size: the filesystem needs some for metadata
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-class DiskError(OSError):
-    """A write that cannot be done: disk full or not writable. The message names the path, and for a full disk the
-    bytes needed and free."""
-
-    exit_code = 1  # the environment failed, not the input (pipeline.errors: bad input exits 2)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def _free_bytes(folder: Path) -> int:
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def _disk_full(path: Path, needed: int) -> DiskError:
-    free = _free_bytes(path.parent)
-    msg = (
-        f"{path}: not enough disk space: about {needed} bytes needed, {free} bytes free on {path.parent}; free some "
-        "space or point the output (ckpt_dir, output_dir, pred_dir) at another disk"
-    )
-    return DiskError(errno.ENOSPC, msg)
-
-
-def _os_errno(exc: BaseException) -> int | None:
-    """The errno of the first ``OSError`` in ``exc``'s chain (torch wraps a failed write in a RuntimeError)."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and all(current is not e for e in seen):
-        if isinstance(current, OSError) and current.errno is not None:
-            return current.errno
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], size_hint: int | None = None) -> Path:
-    """Write a file so that a reader never sees it half-written: ``write(f)`` fills a temporary file in the same
-    folder, which is flushed, fsynced and renamed over ``path`` (atomic on one filesystem); the folder is fsynced
-    so the rename survives a crash. On any error the temporary file is removed and ``path`` is left as it was.
-
-    A full disk or a folder that cannot be written raises :class:`DiskError` naming ``path`` (with the bytes needed
-    and free): before writing when ``size_hint`` says the file cannot fit, or when the write itself fails so.
-
-    Args:
-        path: destination; its folder is created if missing.
-        write: called with the open binary temporary file.
-        size_hint: the expected size in bytes, when known (checked against the free space first).
-
-    Returns:
-        ``path``.
-
-    Raises:
-        DiskError: no space left, or no permission to write there.
-
-    Example::
-
-        atomic_write("model.pt", lambda f: torch.save(state, f))
-    """
-    path = Path(path)
-    if size_hint is not None and _free_bytes(path.parent) < size_hint + MIN_FREE_MARGIN:
-        raise _disk_full(path, size_hint)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
-        # torch.save reports a full disk as "unexpected pos", with no OSError: a disk left without room tells
-        full = isinstance(e, Exception) and tmp is not None and _free_bytes(path.parent) < MIN_FREE_MARGIN
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        code = _os_errno(e)
-        if code in _DISK_ERRNOS or full:
-            raise _disk_full(path, max(size_hint or 0, written)) from e
-        if code in _ACCESS_ERRNOS:
-            msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
-            raise DiskError(code, msg) from e
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and fsynced
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``atomic_write`` of a bytes payload (text: ``text.encode()``)."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
 def case_id(path: str | os.PathLike) -> str:
     """A volume's case id: its file name up to the first dot, as the competition's scorer takes it
     (``a/b/1234.tif`` and ``1234.nii.gz`` are case ``1234``)."""

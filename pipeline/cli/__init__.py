@@ -1,0 +1,1 @@
+"""The command line: ``python -m pipeline`` and its subcommands, argument parsers, the torchrun launcher."""

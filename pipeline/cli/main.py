@@ -1,0 +1,306 @@
+"""``python -m pipeline``: the whole job (train or resume, then predict), and the project's other commands.
+
+    python -m pipeline [--dataset_dir DIR] [--output_dir DIR] [--nproc N] [--<bundle key> VALUE ...]
+    python -m pipeline synth --out DIR [--seed S]
+    python -m pipeline score --pred submission.zip --labels DIR [--json] [--topo_mode exact|fast]   # exact by default
+    python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
+    python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
+    python -m pipeline merge --pred_dir DIR [DIR ...] [--dataset_dir DIR] [--output submission.zip]
+
+With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
+train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it,
+except that the network keys and ``patch_size`` go to training only: inference reads them from the model file.
+It announces each stage with its time and ends with a list of everything it wrote.
+
+Parsing (``--help``, argument errors, unknown keys) happens before torch and MONAI are imported: it answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cli import parsers as cli
+from pipeline.utils.errors import suggest
+from pipeline.utils.paths import BUNDLE
+
+__all__ = ["main", "parse_overrides", "route_overrides"]
+
+CONFIGS = BUNDLE / "configs"
+TRAIN_CONFIG = CONFIGS / "train.yaml"
+INFER_CONFIG = CONFIGS / "inference.yaml"
+MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
+LOGGING_CONF = CONFIGS / "logging.conf"
+
+COMMANDS = ("run", "synth", "score", "tune", "predict", "merge")
+# what inference reads from the model file's plans (pipeline/model/plans.py): given to training only, never twice
+FROM_MODEL_FILE = ("architecture", "deep_supervision", "network_channels", "network_strides", "num_res_units",
+                   "patch_size")
+
+logger = logging.getLogger("pipeline")
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return yaml.safe_load(text)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--epochs", "4", "--patch_size", "[48,48,48]"]`` -> ``{"epochs": 4, "patch_size": [48, 48, 48]}``.
+
+    Raises:
+        SystemExit: an argument that is not a ``--key value`` pair.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            sys.exit(f"error: unexpected argument {arg!r}; bundle overrides are --key value pairs")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                sys.exit(f"error: --{key} needs a value")
+            val, i = args[i + 1], i + 1
+        out[key] = _value(val)
+        i += 1
+    return out
+
+
+def _top_keys(config: Path) -> set[str]:
+    return cli.config_keys(config)
+
+
+class _Stage:
+    """Prints ``[pipeline] <what> ...`` on entry and ``[pipeline] <what>: <seconds> s`` on a clean exit."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> _Stage:
+        print(f"[pipeline] {self.what} ...", flush=True)
+        self.start = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            print(f"[pipeline] {self.what}: {time.monotonic() - self.start:.1f} s", flush=True)
+
+
+def route_overrides(overrides: dict[str, Any], *configs: Path) -> dict[str, Any]:
+    """The overrides whose (top-level part of the) key exists in one of ``configs``."""
+    keys = set().union(*(_top_keys(c) for c in configs))
+    return {k: v for k, v in overrides.items() if k.split("#", 1)[0] in keys}
+
+
+def _bundle_run(run_id: str, config: Path, overrides: dict[str, Any]) -> None:
+    from monai.bundle import run
+
+    run(run_id, config_file=str(config), logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
+
+
+def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, int]:
+    """The dataset folder (the synthetic one generated first when needed), checked; and its test volume count."""
+    from pipeline.data.datalist import (
+        check_test_datalist,
+        prepare_datalists,
+        resolve_dataset_dir,
+        test_datalist,
+    )
+
+    generate = dataset_dir is None and not (Path(synthetic_dir) / "train.csv").is_file()
+    with _Stage(f"generating synthetic data into {synthetic_dir}") if generate else contextlib.nullcontext():
+        root = resolve_dataset_dir(dataset_dir, synthetic_dir)
+    with _Stage(f"checking the dataset in {root}") as stage:
+        lists = prepare_datalists(root, check=True)
+        tests = test_datalist(root)
+        check_test_datalist(tests)
+        n_train = len(lists["train"]) + len(lists["val"])
+        stage.what = f"checked {n_train} training cases (image + label) and {len(tests)} test volumes"
+    return root, len(tests)
+
+
+def run_main_job(argv: list[str]) -> int:
+    """Train (or resume) and predict; print where everything is."""
+    args, rest = cli.main_parser().parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    known = set().union(*(_top_keys(c) for c in (TRAIN_CONFIG, MULTI_GPU_CONFIG, INFER_CONFIG)))
+    where = "train.yaml, multi_gpu_train.yaml or inference.yaml"
+    if args.recipe is not None:
+        try:
+            overrides = cli.with_recipe(args.recipe, overrides, known, where)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    unknown = cli.unknown_keys_message(overrides, known, where)
+    if unknown:
+        print(f"error: {unknown}", file=sys.stderr)
+        return 2
+    if args.dataset_dir is not None and not Path(args.dataset_dir).is_dir():  # before the heavy imports below
+        print(f"error: {args.dataset_dir}: dataset folder not found (leave --dataset_dir out for the synthetic "
+              "default)", file=sys.stderr)
+        return 2
+    from pipeline.data.datalist import DatasetError
+
+    start = time.monotonic()
+    try:
+        root, n_test = _check_dataset(args.dataset_dir, args.synthetic_dir)
+    except (DatasetError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    common = {
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": str(root),
+        "output_dir": args.output_dir,
+        "ckpt_dir": args.ckpt_dir,
+    }
+    train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
+    if not args.skip_training and not _training_complete(train_overrides):
+        with _Stage("training") as stage:
+            rc = _train(train_overrides, args)
+            if rc != 0:
+                stage.what = f"training failed (exit code {rc})"
+        if rc != 0:  # DDP: the failing rank printed its error above; nothing downstream runs on a failed training
+            logs = Path(args.output_dir) / "logs"
+            what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
+            print(f"error: training {what} (exit code {rc}; rank logs in {logs}): not predicting", file=sys.stderr)
+            return rc
+    model = Path(overrides.get("model_path", Path(args.ckpt_dir) / "model.pt"))
+    if model.is_file():
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
+        print(f"predicting with {model} (saved {saved})", flush=True)
+    with _Stage(f"predicting {n_test} test volumes") as stage:
+        infer = {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
+        rc = _infer(route_overrides({**common, "check_data": False, **infer}, INFER_CONFIG), args)
+        if rc != 0:
+            stage.what = f"prediction failed (exit code {rc})"
+    if rc != 0:
+        print(f"error: prediction failed (exit code {rc}; rank logs in {Path(args.output_dir) / 'logs'})",
+              file=sys.stderr)
+        return rc
+    print(_summary(time.monotonic() - start, root, Path(args.output_dir), Path(args.ckpt_dir), model))
+    return 0
+
+
+def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path) -> str:
+    """Every output of the job, pictures included, one per line."""
+    from pipeline.training.runs import latest_run
+
+    run = latest_run(out)
+    lines = [
+        f"done in {seconds:.0f} s",
+        f"  dataset:        {root}",
+        f"  model:          {model}",
+        f"  checkpoints:    {ckpt_dir}",
+        f"  submission:     {out / 'submission.zip'}",
+        f"  predictions:    {out / 'predictions'}",
+        f"  overlays:       {out / 'overlays'}/<id>_overlay.png  (CT with the predicted surface, test volumes)",
+    ]
+    if run is not None:
+        lines += [
+            f"  training run:   {run}  (also {out / 'latest_run'})",
+            f"  curves:         {run / 'training_curves.png'}",
+            f"  history:        {run / 'training_history.csv'}, training_history.json",
+            f"  val overlays:   {run / 'overlays'}/<id>_overlay.png  (prediction beside the label, last validation)",
+            f"  TensorBoard:    tensorboard --logdir {out / 'runs'}",
+        ]
+    return "\n".join(lines)
+
+
+def _training_complete(overrides: dict[str, Any]) -> bool:
+    """Whether ``checkpoint_final.pt`` already holds the configured number of epochs (then training is skipped;
+    otherwise the bundle resumes from the newest checkpoint by itself)."""
+    from pipeline.training.checkpoint import completed_epochs
+
+    with open(TRAIN_CONFIG) as f:
+        epochs = int(overrides.get("epochs", yaml.safe_load(f)["epochs"]))
+    done = completed_epochs(overrides["ckpt_dir"])
+    if done >= epochs and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
+        print(f"training already complete ({done}/{epochs} epochs): skipping to inference")
+        return True
+    return False
+
+
+def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
+    from pipeline.cli import launch
+
+    return launch.launch(
+        [str(TRAIN_CONFIG)],
+        "training",
+        route_overrides(overrides, TRAIN_CONFIG, MULTI_GPU_CONFIG),  # the mixin's keys too (dist_timeout_minutes, ...)
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
+
+
+def _infer(overrides: dict[str, Any], args: argparse.Namespace) -> int:
+    """Inference in this process, or under torchrun on ``--nproc`` processes (default: every GPU) and nodes."""
+    from pipeline.cli import launch
+
+    if (args.nproc or launch.default_nproc()) == 1 and args.nnodes == 1:
+        _bundle_run("inference", INFER_CONFIG, overrides)
+        return 0
+    return launch.launch(
+        [str(INFER_CONFIG)], "inference", overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint, mixin=None,
+    )
+
+
+def run_synth(argv: list[str]) -> int:
+    """``python -m pipeline synth --out DIR``: write a synthetic dataset in the Kaggle layout."""
+    args = cli.synth_parser().parse_args(argv)
+    from pipeline.data.synth import SynthConfig, generate_dataset
+
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    try:
+        out = generate_dataset(args.out, SynthConfig(seed=args.seed, **sizes))
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+# command -> (its light parser, whether it takes --<bundle key> overrides, the module whose main() runs it)
+_SUBCOMMANDS = {
+    "score": (cli.score_parser, False, "pipeline.cli.score"),
+    "tune": (cli.tune_parser, True, "pipeline.cli.tune"),
+    "predict": (cli.predict_parser, True, "pipeline.cli.predict"),
+    "merge": (cli.merge_parser, False, "pipeline.cli.merge"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("run", argv)
+    if command == "synth":
+        return run_synth(rest)
+    if command in _SUBCOMMANDS:
+        parser, overrides, module = _SUBCOMMANDS[command]
+        # --help and argument errors answered before torch is imported
+        parser().parse_known_args(rest) if overrides else parser().parse_args(rest)
+        return importlib.import_module(module).main(rest)
+    if command == "run":
+        from pipeline.utils.errors import run_reporting_errors
+
+        return run_reporting_errors(run_main_job, rest)  # any failure: one `error:` line last, non-zero exit
+    print(f"error: unknown command {command!r}{suggest(command, COMMANDS)}; use {', '.join(COMMANDS)} "
+          "(python -m pipeline --help)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

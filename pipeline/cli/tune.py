@@ -1,0 +1,114 @@
+"""``python -m pipeline tune``: sweep threshold and post-processing on the validation split, print the best settings
+and write them into the model file's plans (:mod:`pipeline.evaluation.tune`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.cli.main import parse_overrides
+from pipeline.cli.parsers import tune_parser
+from pipeline.evaluation.score import COMPONENT_KEYS
+from pipeline.evaluation.tune import (
+    SETTING_KEYS,
+    SweepGrid,
+    format_overrides,
+    load_config,
+    sweep,
+)
+from pipeline.utils.files import atomic_write_bytes
+
+
+def _table(rows: Iterable[Mapping[str, Any]]) -> str:
+    head = ["threshold", "hyst_low", "hyst_high", "closing", "plug", "min_size", *COMPONENT_KEYS]
+    lines = ["".join(f"{h:>13}" for h in head)]
+    for row in rows:
+        setting = [row[k] for k in SETTING_KEYS]
+        lines.append(
+            "".join(f"{str(v):>13}" for v in setting) + "".join(f"{row[k]:>13.4f}" for k in COMPONENT_KEYS)
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: sweep, print the best settings and the overrides to use, write ``tuning.json``.
+
+    Returns:
+        0 on success, 2 on a bad grid or data.
+    """
+
+    args, rest = tune_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    overrides = parse_overrides(rest)
+    for key in ("dataset_dir", "ckpt_dir", "output_dir"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.tta:
+        overrides["tta"] = True
+    given = {name: getattr(args, f"grid_{name}") for name in SweepGrid.__dataclass_fields__}
+    grid = SweepGrid(**{name: values for name, values in given.items() if values is not None})
+    parser = load_config(overrides)
+    try:
+        plans = parser.get_parsed_content("model_plans")  # the model file's, explicit settings checked or applied
+        default = {key: plans["postprocessing"][key] for key in SETTING_KEYS}
+        settings = grid.settings(default)
+        if len(settings) > args.max_settings:
+            msg = f"the grid has {len(settings)} settings, more than --max_settings {args.max_settings}; shrink it"
+            raise ValueError(msg)
+        rows = sweep(parser, settings, workers=args.workers)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # MONAI wraps what a config expression raises (a missing model.pt, a bad dataset)
+        from pipeline.utils.errors import find_user_error
+
+        user = find_user_error(e) or (e.__cause__ if isinstance(e.__cause__, FileNotFoundError) else None)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
+        return 2
+    default_row = next(row for row in rows if all(row[k] == default[k] for k in SETTING_KEYS))
+    best = rows[0]
+    overrides_text = format_overrides(best)
+    output_dir = Path(parser.get_parsed_content("output_dir"))
+    model_path = Path(parser.get_parsed_content("model_path"))
+    tta = bool(parser.get_parsed_content("tta"))
+    report = {
+        "model_path": str(model_path),
+        "tta": tta,
+        "volumes": sorted(best["volumes"]),
+        "grid": asdict(grid),
+        "best": best,
+        "default": default_row,
+        "overrides": overrides_text,
+        "rows": rows,
+    }
+    atomic_write_bytes(output_dir / "tuning.json", (json.dumps(report, indent=2) + "\n").encode())
+    print(f"{len(settings)} settings x {len(best['volumes'])} validation volumes; best first:")
+    print(_table(rows[: args.top]))
+    print(f"default setting: score {default_row['score']:.4f}")
+    print(f"best setting:    score {best['score']:.4f} ({best['score'] - default_row['score']:+.4f})")
+    print(f"inference overrides: {overrides_text}")
+    print(f"all rows: {output_dir / 'tuning.json'}")
+    if args.no_save:
+        print(f"{model_path} left as it is (--no_save): give the overrides above to use the best setting")
+        return 0
+    from pipeline.model.plans import save_postprocessing
+
+    tuning = {
+        "score": best["score"],
+        "default_score": default_row["score"],
+        "volumes": sorted(best["volumes"]),
+        "tta": tta,
+        "overlap": parser.get_parsed_content("overlap"),
+        "settings_tried": len(settings),
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_postprocessing(model_path, best, tuning, plans=plans)
+    print(f"wrote the best setting into {model_path} (its plans): inference, evaluate and predict use it from now on")
+    return 0

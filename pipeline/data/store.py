@@ -1,0 +1,533 @@
+"""A preprocessed volume store: every training volume decoded once into uncompressed uint8 ``.npy`` files that
+every run, resume, DDP rank and loader worker memory-maps (nnU-Net's preprocessed data, in MONAI's idiom).
+
+Decoding an LZW TIFF of 320^3 takes seconds; ``CacheDataset`` repeats it at every start and holds the decoded set
+in each process's memory. The store does it once per machine and keeps, per case, in ``cache_dir``::
+
+    <id>-<key>.image.npy    uint8 (Z, Y, X)
+    <id>-<key>.label.npy    uint8 (Z, Y, X), 0 background, 1 surface, 2 unlabeled
+    <id>-<key>.centres.npy  int32 flat voxel indices: a bounded random sample of each class's voxels (crop centres)
+    <id>-<key>.skeleton.npy uint8 (Z, Y, X) tubed skeleton of the surface (only for the lists named in ``skeletons``)
+    <id>-<key>.json         shape, intensity mean/std, centres per class, the sources it was built from
+
+``key`` hashes the image's and the label's absolute path, size and mtime with :data:`PREPROCESS_VERSION`, so a
+changed source (or a new preprocessing) gets a new entry and an unchanged one is never rebuilt. Every file is
+written to a temporary name and renamed; the ``.json`` is written last, so an entry without it was never finished.
+An entry whose files are missing, truncated or unreadable is rebuilt with a warning naming the file. Concurrent
+builders of one entry (two runs, or ranks sharing a folder) serialise on a ``fcntl`` lock per entry.
+
+The skeleton (skeleton recall loss, ``pipeline.training.losses``) costs seconds per volume (:func:`tubed_skeleton`), so it
+is built only when asked for, once: a finished entry that lacks it gets it from its stored label, image and label
+untouched; a broken one is rebuilt with a warning, like the other arrays.
+
+Under DDP the ranks of a machine split the entries to build, then wait at a barrier; every rank then opens the
+same files with ``np.load(mmap_mode="r")``, so the OS page cache holds the hot part once for all of them.
+
+Example::
+
+    store = build_store(prepare_datalists("data/vesuvius"), "outputs/store")
+    dataset = StoreDataset(store["train"], transform=crop_and_augment, mode="auto")
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import Dataset
+from monai.transforms import apply_transform
+
+from pipeline.data.datalist import DatasetError, check_volume_pair
+from pipeline.utils.files import atomic_write
+from pipeline.utils.memory import available_memory
+from transforms.io import VolumeError, read_volume
+
+__all__ = [
+    "PREPROCESS_VERSION",
+    "STORE_MODES",
+    "StoreError",
+    "entry_key",
+    "tubed_skeleton",
+    "build_store",
+    "choose_mode",
+    "StoreDataset",
+]
+
+logger = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 1
+"""Bump when what an entry holds changes: every entry is then rebuilt."""
+STORE_MODES = ("auto", "ram", "mmap")
+LABEL_CLASSES = (0, 1)  # crop-centre classes; 2 (unlabeled) is never a centre
+_ARRAYS = ("image", "label", "centres")
+SKELETON = "skeleton"
+SKELETON_TUBE = 2  # dilations of the skeleton, as the paper's "tubed skeleton" (nnU-Net: dilation(dilation(skel)))
+_RAM_SHARE = 0.5  # in RAM only when the set takes at most this share of the memory available
+
+
+class StoreError(DatasetError):
+    """The store cannot be built or read: unwritable folder, full disk, a source that changed while building."""
+
+
+def _stat_key(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError as e:
+        msg = f"{p}: cannot read ({e.strerror})"
+        raise DatasetError(msg) from e
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def entry_key(case: dict) -> tuple[str, dict[str, Any]]:
+    """The store key of a case (hex digest) and the source facts it hashes (path, size, mtime of image and label,
+    and :data:`PREPROCESS_VERSION`)."""
+    sources = {"version": PREPROCESS_VERSION, "image": _stat_key(case["image"]), "label": _stat_key(case["label"])}
+    digest = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, sources
+
+
+def _safe_id(case_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(case_id))
+
+
+def _npy_ok(path: Path, shape: tuple[int, ...] | None, dtype: np.dtype) -> str | None:
+    """None when ``path`` is a complete ``.npy`` of ``shape``/``dtype`` (header and size), else what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header = read(f)  # (shape, fortran_order, dtype)
+            offset = f.tell()
+        file_size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # a damaged header raises many types
+        return f"unreadable header ({type(e).__name__}: {e})"
+    got_shape, _, got_dtype = header
+    if got_dtype != dtype or (shape is not None and tuple(got_shape) != tuple(shape)):
+        return f"holds {got_dtype} {tuple(got_shape)}, expected {dtype} {shape}"
+    expected = offset + int(np.prod(got_shape)) * got_dtype.itemsize
+    if file_size != expected:
+        return f"truncated ({file_size} of {expected} bytes)"
+    return None
+
+
+class _Entry:
+    """File names and validity of one case's store entry."""
+
+    def __init__(self, cache_dir: Path, case: dict) -> None:
+        self.case = case
+        self.key, self.sources = entry_key(case)
+        self.stem = cache_dir / f"{_safe_id(case.get('id', Path(case['image']).name))}-{self.key}"
+        self.meta_path = self.stem.with_name(self.stem.name + ".json")
+        self.lock_path = self.stem.with_name(self.stem.name + ".lock")
+
+    def path(self, name: str) -> Path:
+        return self.stem.with_name(f"{self.stem.name}.{name}.npy")
+
+    def problem(self) -> str | None:
+        """None when the entry is complete and matches the sources, else what is wrong with which file."""
+        if not self.meta_path.is_file():
+            return "not built"
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            shape = tuple(meta["shape"])
+            n_centres = int(sum(meta["centres_per_class"]))
+            if meta["sources"] != self.sources:
+                return f"{self.meta_path}: built from other sources"
+        except Exception as e:
+            return f"{self.meta_path}: unreadable ({type(e).__name__}: {e})"
+        for name, want_shape, dtype in (("image", shape, np.uint8), ("label", shape, np.uint8), ("centres", (n_centres,), np.int32)):
+            why = _npy_ok(self.path(name), want_shape, np.dtype(dtype))
+            if why is not None:
+                return f"{self.path(name)}: {why}"
+        return None
+
+    def skeleton_problem(self) -> str | None:
+        """None when the skeleton file of a complete entry is valid, else what is wrong with it (``"missing"``)."""
+        shape = tuple(json.loads(self.meta_path.read_text())["shape"])
+        return _npy_ok(self.path(SKELETON), shape, np.dtype(np.uint8))
+
+    def todo(self, skeleton: bool) -> tuple[str | None, str | None]:
+        """(what is wrong with the entry, what is wrong with its skeleton when ``skeleton``); (None, None): ready."""
+        problem = self.problem()
+        if problem is not None:
+            return problem, "missing" if skeleton else None
+        return None, self.skeleton_problem() if skeleton else None
+
+    def item(self, skeleton: bool = False) -> dict:
+        """The datalist item of the built entry: the case's own keys, the store files, statistics and centres (and
+        the skeleton file when ``skeleton``)."""
+        meta = json.loads(self.meta_path.read_text())
+        return {
+            **({SKELETON: str(self.path(SKELETON))} if skeleton else {}),
+            **{k: v for k, v in self.case.items() if k not in ("image", "label")},
+            "source_image": self.case["image"],
+            "image": str(self.path("image")),
+            "label": str(self.path("label")),
+            "centres": str(self.path("centres")),
+            "centres_per_class": list(meta["centres_per_class"]),
+            "shape": list(meta["shape"]),
+            "image_stats": list(meta["image_stats"]),
+        }
+
+
+def _centres(label: np.ndarray, max_per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    out, counts = [], []
+    flat = label.reshape(-1)
+    for cls in LABEL_CLASSES:
+        idx = np.flatnonzero(flat == cls)
+        if idx.size > max_per_class:
+            idx = np.sort(rng.choice(idx, size=max_per_class, replace=False))
+        out.append(idx.astype(np.int32))
+        counts.append(int(idx.size))
+    return np.concatenate(out), counts
+
+
+def _as_uint8(path: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind in "ui" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+    msg = f"{path}: {arr.dtype} values outside uint8 [{arr.min()}, {arr.max()}]; the store holds uint8 volumes"
+    raise DatasetError(msg)
+
+
+def _write(path: Path, write: Callable[[Any], Any]) -> None:
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg = f"{path}: disk full while writing the volume store; free space or set cache_dir to another disk"
+        else:
+            msg = f"{path}: cannot write the volume store ({e.strerror or e}); set cache_dir to a writable folder"
+        raise StoreError(msg) from e
+
+
+def tubed_skeleton(label: np.ndarray, tube: int = SKELETON_TUBE) -> np.ndarray:
+    """The "tubed skeleton" of the surface (label 1) of a (Z, Y, X) label, as the skeleton recall loss uses it.
+
+    scikit-image's 3D ``skeletonize`` (Lee's thinning) of ``label == 1`` (2, unlabeled, counts as background),
+    dilated ``tube`` times with the 6-connected cross and restricted to the surface (Kirchhoff et al. 2024; their
+    nnU-Net code: ``dilation(dilation(skeletonize(seg))) * seg``). Lee's thinning scans the whole array at every
+    iteration and thins every connected component to its medial axis: ~15 s for a 320^3 volume on one core,
+    which is why the store computes it once per volume.
+
+    Args:
+        label: 0 background, 1 surface, 2 unlabeled.
+        tube: dilations of the one-voxel skeleton.
+
+    Returns:
+        uint8 array of ``label``'s shape, 1 on the tubed skeleton.
+    """
+    from scipy import ndimage
+    from skimage.morphology import skeletonize
+
+    surface = np.asarray(label) == 1
+    if not surface.any():
+        return np.zeros(surface.shape, dtype=np.uint8)
+    skeleton = skeletonize(surface)
+    if tube:
+        skeleton = ndimage.binary_dilation(skeleton, ndimage.generate_binary_structure(3, 1), iterations=tube)
+    return (skeleton & surface).astype(np.uint8)
+
+
+def _write_skeleton(entry: _Entry, label: np.ndarray) -> None:
+    skeleton = tubed_skeleton(label)
+    _write(entry.path(SKELETON), lambda f: np.save(f, skeleton, allow_pickle=False))
+
+
+def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skeleton: bool = False) -> bool:
+    """Build one entry (or only its missing skeleton) under its lock; False when another builder finished it
+    meanwhile."""
+    with open(entry.lock_path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            problem, skeleton_problem = entry.todo(skeleton)
+            if problem is None and skeleton_problem is None:
+                return False
+            if problem is None:  # a finished entry without a valid skeleton: only the skeleton is built
+                if skeleton_problem != "missing":
+                    logger.warning("volume store: rebuilding %s: %s", entry.path(SKELETON), skeleton_problem)
+                _write_skeleton(entry, np.load(entry.path("label"), mmap_mode="r"))
+                return True
+            if problem != "not built":
+                logger.warning("volume store: rebuilding %s", problem)
+            case = entry.case
+            try:
+                image = read_volume(case["image"])
+                label = read_volume(case["label"])
+            except VolumeError as e:
+                raise DatasetError(str(e)) from e
+            if check:  # the same checks and messages as pipeline.data.datalist's up-front check, on the decoded arrays
+                check_volume_pair(case, image.shape, label)
+            image, label = _as_uint8(case["image"], image), _as_uint8(case["label"], label)
+            for side in ("image", "label"):
+                if _stat_key(case[side]) != entry.sources[side]:
+                    msg = f"{case[side]}: changed while the volume store was being built; rerun once it is complete"
+                    raise StoreError(msg)
+            if label.shape != image.shape:
+                msg = f"{case['label']}: label shape {label.shape} differs from image shape {image.shape} ({case['image']})"
+                raise DatasetError(msg)
+            rng = np.random.default_rng([seed, int(entry.key, 16) % 2**32])
+            centres, counts = _centres(label, max_per_class, rng)
+            for name, arr in (("image", image), ("label", label), ("centres", centres)):
+                _write(entry.path(name), lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            if skeleton:
+                _write_skeleton(entry, label)
+            meta = {
+                "shape": list(image.shape),
+                "image_stats": [float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))],
+                "centres_per_class": counts,
+                "sources": entry.sources,
+            }
+            _write(entry.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            _remove_stale(entry)
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale(entry: _Entry) -> None:
+    """Delete this case's older entries built from the same source image (a changed file leaves one behind)."""
+    prefix = entry.stem.name.rsplit("-", 1)[0]
+    for meta_path in entry.stem.parent.glob(f"{prefix}-*.json"):
+        if meta_path == entry.meta_path:
+            continue
+        try:
+            same_source = json.loads(meta_path.read_text())["sources"]["image"]["path"] == entry.sources["image"]["path"]
+        except Exception:
+            continue
+        if same_source:
+            stem = meta_path.with_suffix("")
+            for name in (*_ARRAYS, SKELETON):
+                stem.with_name(f"{stem.name}.{name}.npy").unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+
+
+def _check_writable(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        msg = f"{cache_dir}: volume store folder is not writable ({e.strerror or e}); set cache_dir to a writable folder"
+        raise StoreError(msg) from e
+
+
+def _check_space(cache_dir: Path, todo: list[tuple[_Entry, str | None, str | None]]) -> None:
+    from transforms.io import read_volume_shape
+
+    need = 0
+    for e, problem, skeleton_problem in todo:
+        arrays = (2 if problem is not None else 0) + (skeleton_problem is not None)  # uint8 volumes to write
+        try:
+            need += arrays * int(np.prod(read_volume_shape(e.case["image"])))
+        except VolumeError as err:
+            raise DatasetError(str(err)) from err
+    free = shutil.disk_usage(cache_dir).free
+    if need > free:
+        msg = (
+            f"{cache_dir}: the volume store needs {need / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free; "
+            "free space or set cache_dir to another disk"
+        )
+        raise StoreError(msg)
+
+
+def _local_share(entries: list[_Entry]) -> list[_Entry]:
+    """This rank's share of the entries: the ranks of one machine split them (torchrun's LOCAL_*)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return entries[local_rank::local_world]
+
+
+def _progress(done: int, total: int, built: int, start: float) -> None:
+    elapsed = time.monotonic() - start
+    eta = elapsed / done * (total - done) if done else float("nan")
+    logger.info("volume store: %d/%d volumes (%d built), %.0f s elapsed, ETA %.0f s", done, total, built, elapsed, eta)
+
+
+def build_store(
+    datalists: dict[str, list[dict]],
+    cache_dir: str | os.PathLike,
+    check: bool = True,
+    max_centres_per_class: int = 200_000,
+    workers: int | None = None,
+    seed: int = 0,
+    skeletons: Sequence[str] = (),
+) -> dict[str, list[dict]]:
+    """Build (or reuse) the store entries of every case in ``datalists`` and return the lists of store items.
+
+    Args:
+        datalists: ``{"train": [...], "val": [...]}`` of cases with ``image``/``label`` paths (``pipeline.data.datalist``).
+        cache_dir: a writable folder for the store (never beside read-only inputs).
+        check: verify label values are in {0, 1, 2} as each volume is decoded (entries are checked when built).
+        max_centres_per_class: crop centres kept per class (a bounded random sample of its voxels).
+        workers: decoding threads (default: up to 4, the CPUs this process may use).
+        seed: seed of the centre sampling (with each entry's key).
+        skeletons: names of the lists (e.g. ``["train"]``) whose cases get a tubed skeleton (:func:`tubed_skeleton`),
+            for the skeleton recall loss; built once, for an existing entry too.
+
+    Returns:
+        the same lists whose items have ``image``/``label``/``centres`` pointing to the store's ``.npy`` files,
+        ``image_stats`` ``[mean, std]``, ``centres_per_class``, ``shape`` and ``source_image``; the items of the
+        lists in ``skeletons`` also have ``skeleton``.
+
+    Raises:
+        StoreError: ``cache_dir`` not writable, not enough disk, a source changed while building.
+        DatasetError: a source volume is unreadable, or its label does not match its image.
+    """
+    cache_dir = Path(cache_dir)
+    _check_writable(cache_dir)
+    entries = {name: [_Entry(cache_dir, c) for c in cases] for name, cases in datalists.items()}
+    unique = list({e.stem: e for es in entries.values() for e in es}.values())
+    with_skeleton = {e.stem for name in skeletons for e in entries.get(name, [])}
+    # split the full list, not the missing entries: a rank that starts late must not see a shifted share
+    todo = [(e, *e.todo(e.stem in with_skeleton)) for e in _local_share(unique)]
+    todo = [t for t in todo if t[1:] != (None, None)]
+    mine = [t[0] for t in todo]
+    built = 0
+    if mine:
+        _check_space(cache_dir, todo)
+        n_workers = workers or max(1, min(4, len(os.sched_getaffinity(0))))
+        logger.info("volume store %s: building %d of %d volumes with %d threads", cache_dir, len(mine), len(unique), n_workers)
+        start, done, last_log = time.monotonic(), 0, 0.0
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(mine), desc="volume store", unit="vol")
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            futures = [pool.submit(_build_entry, e, check, max_centres_per_class, seed, e.stem in with_skeleton) for e in mine]
+            try:
+                for fut in as_completed(futures):
+                    built += bool(fut.result())
+                    done += 1
+                    if bar is not None:
+                        bar.update(1)
+                    elif time.monotonic() - last_log > 10 or done == len(mine):
+                        _progress(done, len(mine), built, start)
+                        last_log = time.monotonic()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    items = {}
+    for name, es in entries.items():
+        for e in es:
+            problem, skeleton_problem = e.todo(name in skeletons)
+            if problem == "not built":
+                msg = f"{e.meta_path}: missing after the build (another rank failed, or something removed it)"
+                raise StoreError(msg)
+            if problem is not None:
+                msg = f"{problem} after the build (another process writing to {cache_dir}?)"
+                raise StoreError(msg)
+            if skeleton_problem is not None:
+                msg = f"{e.path(SKELETON)}: {skeleton_problem} after the build (another rank failed, or another process writing to {cache_dir}?)"
+                raise StoreError(msg)
+        items[name] = [e.item(skeleton=name in skeletons) for e in es]
+    logger.info("volume store %s: %d volumes ready (%d built by this process)", cache_dir, len(unique), built)
+    return items
+
+
+def choose_mode(items: Sequence[dict], mode: str = "auto", copies: int | None = None) -> str:
+    """``"ram"`` or ``"mmap"`` for ``items``, logged with the reason.
+
+    ``auto`` holds the volumes in RAM only when ``copies`` of them (one per process of this machine under DDP)
+    take at most half of the memory available (:func:`available_memory`, cgroup limits included); otherwise they
+    stay memory-mapped and the OS page cache holds the hot part once for all processes.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in STORE_MODES:
+        msg = f"store_mode {mode!r} unknown; use one of {STORE_MODES}"
+        raise ValueError(msg)
+    size = sum((2 + (SKELETON in it)) * int(np.prod(it["shape"])) for it in items)
+    copies = copies or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    avail = available_memory()
+    if mode == "auto":
+        mode = "ram" if size * copies <= _RAM_SHARE * avail else "mmap"
+        why = f"{copies} x {size / 2**30:.2f} GiB of uint8 volumes {'<=' if mode == 'ram' else '>'} {_RAM_SHARE:.0%} of {avail / 2**30:.2f} GiB available"
+    else:
+        why = f"store_mode={mode}; {copies} x {size / 2**30:.2f} GiB of volumes, {avail / 2**30:.2f} GiB available"
+    logger.info("volume store: %s (%s)", "in RAM" if mode == "ram" else "memory-mapped", why)
+    return mode
+
+
+class StoreDataset(Dataset):
+    """A MONAI ``Dataset`` over store items (:func:`build_store`) whose arrays are either read into RAM at
+    construction or memory-mapped (``np.load(mmap_mode="r")``, opened lazily in each process, so forked and
+    spawned loader workers share the OS page cache instead of copying the volumes).
+
+    Each item given to ``transform`` holds the item's keys with ``image`` and ``label`` as uint8 (Z, Y, X) arrays,
+    ``centres`` as a list of int32 flat-index arrays (one per class of :data:`LABEL_CLASSES`), ``skeleton`` as a
+    uint8 (Z, Y, X) array when the item has one, and ``image_stats`` as a float32 tensor; the transform cuts what
+    it needs (``transforms.store.RandCropByStoredCentresd``) without copying the volume.
+
+    Args:
+        data: store items.
+        transform: applied to each item.
+        mode: ``"ram"``, ``"mmap"`` or ``"auto"`` (:func:`choose_mode`).
+
+    Example::
+
+        ds = StoreDataset(store["train"], transform=Compose([RandCropByStoredCentresd(...), ...]), mode="mmap")
+    """
+
+    def __init__(self, data: Sequence[dict], transform: Callable | None = None, mode: str = "auto") -> None:
+        super().__init__(data=list(data), transform=transform)
+        self.mode = choose_mode(self.data, mode)
+        self._arrays: dict[int, dict[str, Any]] = {}
+        if self.mode == "ram":
+            for i in range(len(self.data)):
+                self._arrays[i] = self._open(i, mmap_mode=None)
+
+    def _open(self, index: int, mmap_mode: str | None) -> dict[str, Any]:
+        item = self.data[index]
+        arrays = {}
+        for name in (*_ARRAYS, SKELETON) if SKELETON in item else _ARRAYS:
+            try:
+                arrays[name] = np.load(item[name], mmap_mode=mmap_mode, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                msg = f"{item[name]}: cannot read the store file ({e}); delete it and restart to rebuild it"
+                raise StoreError(msg) from e
+        bounds = np.cumsum([0, *item["centres_per_class"]])
+        arrays["centres"] = [arrays["centres"][bounds[i] : bounds[i + 1]] for i in range(len(LABEL_CLASSES))]
+        return arrays
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.mode == "mmap":
+            state["_arrays"] = {}  # maps are reopened in the receiving process
+        return state
+
+    def _transform(self, index: int) -> Any:
+        arrays = self._arrays.get(index)
+        if arrays is None:
+            arrays = self._arrays[index] = self._open(index, mmap_mode="r")
+        item = {**self.data[index], **arrays, "image_stats": torch.tensor(self.data[index]["image_stats"], dtype=torch.float32)}
+        for k in ("centres_per_class", "shape"):
+            item.pop(k)
+        return apply_transform(self.transform, item) if self.transform is not None else item

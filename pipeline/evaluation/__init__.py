@@ -1,0 +1,1 @@
+"""Evaluation: the competition score and its Betti-matching kernels, metric reports, tune."""

@@ -1,0 +1,268 @@
+"""``python -m pipeline tune``: choose the threshold and post-processing that maximise the competition score.
+
+The model runs once per validation volume, with the network, data, split, weights and sliding-window settings of
+``train.yaml`` + ``evaluate.yaml`` (the evaluator of ``python -m monai.bundle run evaluating``, its
+post-processing and metrics taken off). While a volume's probabilities are in memory, every setting of a grid
+(threshold x hysteresis x closing x hole plugging x minimum component size) is applied to them with
+:func:`transforms.postprocess.build_postprocessing`, exactly as inference does, and scored with
+:func:`pipeline.evaluation.score.score_volume`. The mean over volumes ranks the settings; the best one is printed as the
+``--key value`` overrides for the inference command, every row goes to ``<output_dir>/tuning.json``, and the best
+setting is written into the model file's plans (atomically; ``--no_save`` leaves the file as it is), so that
+inference, evaluate and predict use it from then on without any override (:mod:`pipeline.model.plans`). The network and
+the sliding-window roi come from the model file too.
+
+    python -m pipeline tune [--dataset_dir DIR] [--ckpt_dir DIR] [--output_dir DIR] [--tta] [--workers N] [--no_save]
+        [--grid_threshold 0.3,0.5] [--grid_hysteresis_high none,0.85] [--grid_closing_radius 0,1]
+        [--grid_plug_holes false,true] [--grid_min_size 0,1000] [--<bundle key> VALUE ...]
+
+Cost: settings x volumes scorings (about 0.1 s each for a 64^3 volume, several seconds for 320^3); ``--workers``
+scores settings in parallel processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from monai.bundle import ConfigParser
+from monai.utils import CommonKeys as Keys
+
+from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
+from pipeline.utils.paths import BUNDLE
+from transforms.postprocess import build_postprocessing
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = [
+    "SETTING_KEYS",
+    "PostprocessingSweep",
+    "SweepGrid",
+    "format_overrides",
+    "load_config",
+    "score_settings",
+    "sweep",
+]
+
+CONFIGS = BUNDLE / "configs"
+TRAIN_CONFIG = CONFIGS / "train.yaml"
+EVALUATE_CONFIG = CONFIGS / "evaluate.yaml"
+
+SETTING_KEYS = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
+"""Bundle keys of the post-processing (``evaluate.yaml``/``inference.yaml``), i.e. of one swept setting."""
+
+Setting = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The post-processing settings to try: every combination of the values below.
+
+    With a hysteresis high value the threshold is the weak (low) one, as in :func:`build_postprocessing`;
+    combinations whose high value is not above the threshold are skipped.
+
+    Args:
+        threshold: probability thresholds (the hysteresis low threshold when ``hysteresis_high`` is set).
+        hysteresis_high: strong hysteresis thresholds; ``None`` is plain thresholding.
+        closing_radius: radii of the binary closing (0 = off).
+        plug_holes: whether to plug 1-voxel holes.
+        min_size: minimum 6-connected component sizes in voxels (0 = off).
+
+    Example::
+
+        grid = SweepGrid(threshold=(0.4, 0.5), min_size=(0, 1000))
+        settings = grid.settings(default={"threshold": 0.5, "hysteresis_low": None, "hysteresis_high": None,
+                                          "closing_radius": 0, "plug_holes": True, "min_size": 0})
+    """
+
+    threshold: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    hysteresis_high: tuple[float | None, ...] = (None, 0.85)
+    closing_radius: tuple[int, ...] = (0, 1)
+    plug_holes: tuple[bool, ...] = (False, True)
+    min_size: tuple[int, ...] = (0, 1000, 20000)
+
+    def settings(self, default: Mapping[str, Any] | None = None) -> list[Setting]:
+        """All settings of the grid, ``default`` (a setting of the bundle's current values) first when given.
+
+        Args:
+            default: a setting with the keys :data:`SETTING_KEYS`; put first and not repeated.
+
+        Returns:
+            Settings as dicts with the keys :data:`SETTING_KEYS`.
+
+        Raises:
+            ValueError: when a dimension of the grid is empty, or ``default`` lacks a key.
+        """
+        for name, values in asdict(self).items():
+            if not values:
+                msg = f"grid dimension {name!r} is empty; give it at least one value"
+                raise ValueError(msg)
+        out: list[Setting] = []
+        if default is not None:
+            missing = [k for k in SETTING_KEYS if k not in default]
+            if missing:
+                msg = f"default setting {dict(default)} lacks {missing}"
+                raise ValueError(msg)
+            out.append({k: default[k] for k in SETTING_KEYS})
+        for thr, high, radius, plug, size in itertools.product(
+            self.threshold, self.hysteresis_high, self.closing_radius, self.plug_holes, self.min_size
+        ):
+            if high is not None and high <= thr:
+                continue
+            setting = {
+                "threshold": thr,
+                "hysteresis_low": None,
+                "hysteresis_high": high,
+                "closing_radius": radius,
+                "plug_holes": plug,
+                "min_size": size,
+            }
+            if setting not in out:
+                out.append(setting)
+        return out
+
+
+def score_settings(probs: np.ndarray, label: np.ndarray, settings: Sequence[Setting]) -> list[dict[str, float]]:
+    """Post-process one volume's probabilities with each setting and score the masks against the label.
+
+    Args:
+        probs: probabilities, channel-first ``(1, Z, Y, X)``.
+        label: label ``(Z, Y, X)`` in {0, 1, 2}.
+        settings: dicts of :func:`transforms.postprocess.build_postprocessing` arguments.
+
+    Returns:
+        One :func:`pipeline.evaluation.score.score_volume` dict per setting.
+    """
+    return [score_volume(np.asarray(build_postprocessing(**s)(probs))[0], label) for s in settings]
+
+
+class PostprocessingSweep:
+    """Ignite handler for an evaluator whose output ``pred`` holds probabilities: scores every setting on each
+    volume as it is predicted, so only one volume's probabilities are held at a time.
+
+    Args:
+        settings: the settings to score (see :meth:`SweepGrid.settings`).
+        id_key: batch key holding the case id.
+        executor: a process pool to score the settings in parallel; None scores them in this process.
+        chunks: number of parallel tasks per volume (usually the pool's worker count).
+
+    Example::
+
+        sweep = PostprocessingSweep(SweepGrid().settings())
+        sweep.attach(evaluator)
+        evaluator.run()
+        rows = sweep.rows()  # best first
+    """
+
+    def __init__(
+        self, settings: Sequence[Setting], id_key: str = "id", executor: Executor | None = None, chunks: int = 1
+    ) -> None:
+        self.settings = [dict(s) for s in settings]
+        self.id_key = id_key
+        self.executor = executor
+        self.chunks = max(1, chunks)
+        self.scores: dict[str, list[dict[str, float]]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Score each predicted volume when its iteration completes."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        ids = [item[self.id_key] for item in batch] if isinstance(batch, list) else list(batch[self.id_key])
+        for case, item in zip(map(str, ids), outputs):
+            probs = item[Keys.PRED].detach().float().cpu().numpy()
+            label = item[Keys.LABEL].detach().cpu().numpy()
+            self.scores[case] = self._score(probs, label.reshape(label.shape[-3:]))
+            best = max(row["score"] for row in self.scores[case])
+            engine.logger.info("tuning: %s scored with %d settings (best %.4f)", case, len(self.settings), best)
+
+    def _score(self, probs: np.ndarray, label: np.ndarray) -> list[dict[str, float]]:
+        if self.executor is None or self.chunks == 1:
+            return score_settings(probs, label, self.settings)
+        parts = [list(part) for part in np.array_split(np.arange(len(self.settings)), self.chunks) if len(part)]
+        futures = [self.executor.submit(score_settings, probs, label, [self.settings[i] for i in p]) for p in parts]
+        return [row for future in futures for row in future.result()]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per setting: the setting, the mean of each score component and each volume's score; best first.
+
+        Raises:
+            RuntimeError: when no volume has been scored.
+        """
+        if not self.scores:
+            msg = "no volume was scored: the validation split is empty or the evaluator did not run"
+            raise RuntimeError(msg)
+        rows = []
+        for i, setting in enumerate(self.settings):
+            per_volume = {case: scores[i] for case, scores in self.scores.items()}
+            mean = {key: float(np.mean([v[key] for v in per_volume.values()])) for key in COMPONENT_KEYS}
+            rows.append({**setting, **mean, "volumes": {case: v["score"] for case, v in per_volume.items()}})
+        return sorted(rows, key=lambda row: -row["score"])
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """``train.yaml`` + ``evaluate.yaml`` with ``overrides``, as ``python -m monai.bundle run evaluating`` reads them.
+
+    Args:
+        overrides: bundle keys and values (``{"dataset_dir": ..., "tta": True}``).
+
+    Returns:
+        The (unparsed) config.
+    """
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN_CONFIG), str(EVALUATE_CONFIG)])
+    parser.update(dict(overrides or {}))
+    return parser
+
+
+def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -> list[dict[str, Any]]:
+    """Run the bundle's evaluator once over the validation split and score ``settings`` on every volume.
+
+    The evaluator keeps its network, data, checkpoint loader, sliding window (and TTA) and autocast; its
+    post-processing, metrics and other handlers are taken off, so ``pred`` holds probabilities.
+
+    Args:
+        parser: config from :func:`load_config` (modified in place).
+        settings: the settings to score.
+        workers: processes that score settings in parallel (1 = in this process).
+
+    Returns:
+        :meth:`PostprocessingSweep.rows`, best first.
+    """
+    parser["validate#postprocessing"] = None
+    parser["validate#key_metric"] = None
+    parser["validate#evaluator#additional_metrics"] = None
+    parser["validate#handlers"] = ["@checkpoint_loader"]
+    parser.get_parsed_content("initialize")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    executor = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    )
+    try:
+        handler = PostprocessingSweep(settings, executor=executor, chunks=workers)
+        handler.attach(evaluator)
+        evaluator.run()
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    return handler.rows()
+
+
+def _literal(value: Any) -> str:
+    # Python literals: both `python -m monai.bundle` (fire) and `python -m pipeline` read True/False/None, while
+    # fire passes "false"/"null" on as (truthy) strings
+    return repr(value)
+
+
+def format_overrides(setting: Mapping[str, Any]) -> str:
+    """The ``--key value`` arguments that select ``setting`` in ``inference.yaml`` / ``evaluate.yaml``."""
+    return " ".join(f"--{key} {_literal(setting[key])}" for key in SETTING_KEYS)

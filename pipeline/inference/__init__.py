@@ -1,0 +1,1 @@
+"""Inference: inferers and TTA, block-wise and streaming prediction, parts, submission."""

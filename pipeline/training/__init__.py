@@ -1,0 +1,1 @@
+"""Training: engine, losses, LR schedules, EMA, checkpointing, monitoring, plots and run folders."""

@@ -1,0 +1,1 @@
+"""Utilities every stage may use: errors, paths, distributed helpers, file writes, memory, AMP."""

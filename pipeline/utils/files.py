@@ -1,0 +1,144 @@
+"""Atomic file writes: a reader never sees a half-written file, and a full or read-only disk is one clear error.
+
+Every output of the project (checkpoints, ``model.pt``, masks, zips, JSON records, the volume store) is written
+through :func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from pipeline.utils.errors import DiskError
+
+__all__ = ["MIN_FREE_MARGIN", "atomic_save", "atomic_write", "atomic_write_bytes"]
+
+MIN_FREE_MARGIN = 1 << 20  # bytes left free beyond a write's expected size: the filesystem needs some for metadata
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _disk_full(path: Path, needed: int) -> DiskError:
+    free = _free_bytes(path.parent)
+    msg = (
+        f"{path}: not enough disk space: about {needed} bytes needed, {free} bytes free on {path.parent}; free some "
+        "space or point the output (ckpt_dir, output_dir, pred_dir) at another disk"
+    )
+    return DiskError(errno.ENOSPC, msg)
+
+
+def _os_errno(exc: BaseException) -> int | None:
+    """The errno of the first ``OSError`` in ``exc``'s chain (torch wraps a failed write in a RuntimeError)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in seen):
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], size_hint: int | None = None) -> Path:
+    """Write a file so that a reader never sees it half-written: ``write(f)`` fills a temporary file in the same
+    folder, which is flushed, fsynced and renamed over ``path`` (atomic on one filesystem); the folder is fsynced
+    so the rename survives a crash. On any error the temporary file is removed and ``path`` is left as it was.
+
+    A full disk or a folder that cannot be written raises :class:`DiskError` naming ``path`` (with the bytes needed
+    and free): before writing when ``size_hint`` says the file cannot fit, or when the write itself fails so.
+
+    Args:
+        path: destination; its folder is created if missing.
+        write: called with the open binary temporary file.
+        size_hint: the expected size in bytes, when known (checked against the free space first).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        DiskError: no space left, or no permission to write there.
+
+    Example::
+
+        atomic_write("model.pt", lambda f: torch.save(state, f))
+    """
+    path = Path(path)
+    if size_hint is not None and _free_bytes(path.parent) < size_hint + MIN_FREE_MARGIN:
+        raise _disk_full(path, size_hint)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
+        # torch.save reports a full disk as "unexpected pos", with no OSError: a disk left without room tells
+        full = isinstance(e, Exception) and tmp is not None and _free_bytes(path.parent) < MIN_FREE_MARGIN
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        code = _os_errno(e)
+        if code in _DISK_ERRNOS or full:
+            raise _disk_full(path, max(size_hint or 0, written)) from e
+        if code in _ACCESS_ERRNOS:
+            msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
+            raise DiskError(code, msg) from e
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``atomic_write`` of a bytes payload (text: ``text.encode()``)."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    The object is written to a hidden temporary file in the same folder, flushed and fsynced, then renamed over
+    ``path`` (``os.replace`` is atomic on one file system) and the folder is fsynced so the rename survives a crash.
+
+    Args:
+        obj: what to save.
+        path: destination file; its folder is created if missing.
+
+    Returns:
+        The destination path.
+    """
+    return atomic_write(path, lambda f: torch.save(obj, f), size_hint=_tensor_bytes(obj))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): about the size of its ``torch.save`` file."""
+
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

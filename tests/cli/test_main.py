@@ -1,0 +1,76 @@
+"""``python -m pipeline``: the whole job, its skip-when-done and resume behaviour, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli.main import parse_overrides, route_overrides
+from pipeline.data.datalist import prepare_datalists
+from pipeline.training.checkpoint import completed_epochs
+from tests.conftest import TINY_TRAIN
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _main(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_overrides_parse_and_route():
+    ov = parse_overrides(["--epochs", "4", "--patch_size", "[48,48,48]", "--tta=true", "--lr_schedule", "poly"])
+    assert ov == {"epochs": 4, "patch_size": [48, 48, 48], "tta": True, "lr_schedule": "poly"}
+    infer = route_overrides(ov, REPO / "bundle" / "configs" / "inference.yaml")
+    assert infer == {"patch_size": [48, 48, 48], "tta": True}  # train-only keys stay out of inference
+
+
+def test_unknown_setting_is_refused(capsys):
+    from pipeline.cli.main import main
+
+    assert main(["--epoch", "4"]) == 2  # a typo must not silently train the default schedule
+    assert "unknown setting(s) 'epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+
+
+def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "models"
+    tiny = []
+    for k, v in {**TINY_TRAIN, "val_interval": 5}.items():  # fewer epochs than val_interval: validated at the end
+        tiny += [f"--{k}", str(v).replace(" ", "")]
+    base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny]
+
+    first = _main(base)
+    assert "submission:" in first.stdout and (out / "submission.zip").is_file()
+    assert (ckpt / "model.pt").is_file()
+    assert completed_epochs(ckpt) == TINY_TRAIN["epochs"]
+    for stage in ("[pipeline] checked 5 training cases (image + label) and 2 test volumes:", "[pipeline] training:",
+                  "[pipeline] predicting 2 test volumes:"):
+        assert stage in first.stdout
+    (run,) = (out / "runs").iterdir()  # this run's folder: curves, history, TensorBoard events, val overlays
+    assert (out / "latest_run").resolve() == run.resolve()
+    for name in ("training_curves.png", "training_history.json", "training_history.csv"):
+        assert (run / name).is_file()
+    for path in (run / "training_curves.png", run / "training_history.csv", run / "overlays"):  # named in the summary
+        assert str(path.resolve()) in first.stdout
+    assert list(run.glob("events.out.tfevents.*"))
+    val_ids = {case["id"] for case in prepare_datalists(tiny_dataset, check=False)["val"]}
+    assert {p.name for p in (run / "overlays").iterdir()} == {f"{i}_overlay.png" for i in val_ids}  # last validation
+    assert f"{out / 'overlays'}/<id>_overlay.png" in first.stdout and len(list((out / "overlays").glob("*.png"))) == 2
+
+    (out / "submission.zip").unlink()
+    again = _main(base)
+    assert "training already complete" in again.stdout  # straight to inference
+    assert (out / "submission.zip").is_file()
+
+    more = _main([*base, "--epochs", "3"])  # raising epochs on a finished run continues it
+    log = more.stdout + more.stderr
+    assert "Resumed from" in log and "at epoch 2" in log
+    assert completed_epochs(ckpt) == 3
+    assert list((out / "runs").iterdir()) == [run]  # ... in its own folder
+    assert [row["epoch"] for row in json.loads((run / "training_history.json").read_text())["epochs"]] == [1, 2, 3]
+    # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/test_runs.py

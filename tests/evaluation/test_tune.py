@@ -1,0 +1,137 @@
+"""Tests for pipeline.evaluation.tune (``python -m pipeline tune``): post-processing sweep on cached probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.cli.main import parse_overrides
+from pipeline.cli.tune import main
+from pipeline.data.datalist import prepare_datalists
+from pipeline.evaluation.score import COMPONENT_KEYS
+from pipeline.evaluation.tune import SETTING_KEYS, SweepGrid, format_overrides
+from tests.conftest import TINY_NETWORK, cli_args
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "bundle" / "configs"
+# a setting for the grid's unit tests
+DEFAULT = {
+    "threshold": 0.5,
+    "hysteresis_low": None,
+    "hysteresis_high": None,
+    "closing_radius": 0,
+    "plug_holes": True,
+    "min_size": 0,
+}
+# the post-processing setting inference.yaml ships with (for a model file tune has not written into)
+SHIPPED = yaml.safe_load(open(CONFIGS / "inference.yaml"))["postprocessing_defaults"]
+
+
+def test_grid_puts_the_default_first_once_and_skips_impossible_hysteresis():
+    grid = SweepGrid(threshold=(0.5, 0.9), hysteresis_high=(None, 0.85), closing_radius=(0,), plug_holes=(False, True),
+                     min_size=(0, 10))
+    settings = grid.settings(DEFAULT)
+    assert settings[0] == DEFAULT
+    # 0.9 with high 0.85 is skipped: (2 thresholds x 2 - 1) x 2 plug x 2 sizes, the default among them
+    assert len(settings) == 12
+    assert len({json.dumps(s, sort_keys=True) for s in settings}) == len(settings)
+    assert all(s["hysteresis_high"] is None or s["hysteresis_high"] > s["threshold"] for s in settings)
+    assert len(grid.settings({**DEFAULT, "min_size": 77})) == 13
+    with pytest.raises(ValueError, match="'min_size' is empty"):
+        SweepGrid(min_size=()).settings()
+    with pytest.raises(ValueError, match="lacks"):
+        grid.settings({"threshold": 0.5})
+
+
+def test_printed_overrides_parse_back_to_the_setting():
+    setting = {**DEFAULT, "threshold": 0.4, "hysteresis_high": 0.85, "plug_holes": False, "min_size": 1000}
+    assert parse_overrides(shlex.split(format_overrides(setting))) == setting
+
+
+def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from anywhere, with no network setting: the model file has them
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)  # tune writes into the model file
+    before = torch.load(models / "model.pt", weights_only=True)
+    out = tmp_path / "tune"
+    grid = ["--grid_threshold", "0.3,0.5,0.7", "--grid_hysteresis_high", "none,0.9", "--grid_closing_radius", "0,1",
+            "--grid_plug_holes", "true", "--grid_min_size", "0,200"]
+    common = {"dataset_dir": tiny_dataset, "ckpt_dir": models, "amp": False}
+    assert main([*cli_args({**common, "output_dir": out}), *grid]) == 0
+    printed = capsys.readouterr().out
+    report = json.load(open(out / "tuning.json"))
+
+    rows, best, default = report["rows"], report["best"], report["default"]
+    assert len(rows) == len(SweepGrid((0.3, 0.5, 0.7), (None, 0.9), (0, 1), (True,), (0, 200)).settings(SHIPPED))
+    assert best == rows[0] and best["score"] == max(r["score"] for r in rows)
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    assert {k: default[k] for k in SETTING_KEYS} == SHIPPED  # the bundle's (inference.yaml's) setting
+    assert best["score"] >= default["score"]
+    val_ids = sorted(c["id"] for c in prepare_datalists(tiny_dataset, check=False)["val"])
+    assert report["volumes"] == val_ids and sorted(best["volumes"]) == val_ids
+    for row in rows:
+        assert all(0.0 <= row[k] <= 1.0 for k in COMPONENT_KEYS if k != "voi")
+        assert row["score"] == pytest.approx(sum(row["volumes"].values()) / len(val_ids), abs=1e-12)
+    assert f"best setting:    score {best['score']:.4f}" in printed
+    assert f"inference overrides: {report['overrides']}" in printed
+
+    # the best setting is written into the model file's plans; the weights are unchanged
+    after = torch.load(models / "model.pt", weights_only=True)
+    assert after["plans"]["postprocessing"] == {k: best[k] for k in SETTING_KEYS}
+    assert after["plans"]["tuning"]["score"] == best["score"] and after["plans"]["tuning"]["volumes"] == val_ids
+    assert after["plans"]["network"] == before["plans"]["network"]
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert f"wrote the best setting into {models / 'model.pt'}" in printed
+
+    # evaluating that file with no setting at all (the plans give them) reproduces the tuned score, as do the
+    # printed overrides pasted into the command
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'evaluate.yaml'}']"
+    for name, extra in (("plain", []), ("pasted", shlex.split(report["overrides"]))):
+        command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", configs,
+                   *cli_args({**common, "output_dir": tmp_path / name}), *extra]
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.load(open(tmp_path / name / "metrics.json"))
+        assert {k: metrics["settings"][k] for k in SETTING_KEYS} == {k: best[k] for k in SETTING_KEYS}
+        for key in COMPONENT_KEYS:
+            assert metrics["mean"][key] == pytest.approx(best[key], abs=1e-9), key
+        for case, score in best["volumes"].items():
+            assert metrics["volumes"][case]["score"] == pytest.approx(score, abs=1e-9), case
+
+
+def test_tune_refuses_a_grid_over_the_bound(tiny_dataset, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = [*cli_args({**TINY_NETWORK, "dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "output_dir": tmp_path}),
+            "--max_settings", "5"]
+    assert main(argv) == 2
+    assert "more than --max_settings 5" in capsys.readouterr().err
+    assert not (tmp_path / "tuning.json").exists()
+
+
+def test_tune_refuses_network_settings_that_differ_from_the_model_file(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    argv = [*cli_args({"dataset_dir": tiny_dataset, "ckpt_dir": tiny_model_dir, "output_dir": tmp_path}),
+            "--network_channels", "[8, 16, 32]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (
+        f"error: {tiny_model_dir / 'model.pt'}: network_channels [8, 16, 32] given, but the model in this file was "
+        "trained with network_channels [4, 8, 16]; leave --network_channels out (the file's value is used)"
+    )
+
+
+def test_tune_without_a_checkpoint_says_what_to_do(tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "model.pt: not found; train a model first" in capsys.readouterr().err
