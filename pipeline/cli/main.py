@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.cli import parsers as cli
-from pipeline.utils.errors import suggest
+from pipeline.utils.errors import run_reporting_errors, suggest
 from pipeline.utils.paths import BUNDLE
 
 __all__ = ["main", "parse_overrides", "route_overrides"]
@@ -284,19 +284,19 @@ _SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every failure ends in one ``error:`` line and the exit code of
+    :func:`pipeline.utils.errors.one_line`: 2 for bad input or settings, 1 for the environment (disk, permission)."""
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("run", argv)
+    if command == "run":
+        return run_reporting_errors(run_main_job, rest)
     if command == "synth":
-        return run_synth(rest)
+        return run_reporting_errors(run_synth, rest)
     if command in _SUBCOMMANDS:
         parser, overrides, module = _SUBCOMMANDS[command]
         # --help and argument errors answered before torch is imported
         parser().parse_known_args(rest) if overrides else parser().parse_args(rest)
-        return importlib.import_module(module).main(rest)
-    if command == "run":
-        from pipeline.utils.errors import run_reporting_errors
-
-        return run_reporting_errors(run_main_job, rest)  # any failure: one `error:` line last, non-zero exit
+        return run_reporting_errors(lambda args: importlib.import_module(module).main(args), rest)
     print(f"error: unknown command {command!r}{suggest(command, COMMANDS)}; use {', '.join(COMMANDS)} "
           "(python -m pipeline --help)", file=sys.stderr)
     return 2

@@ -25,14 +25,13 @@ def main(argv: list[str] | None = None) -> int:
         argv: command-line arguments after ``score``; ``sys.argv[1:]`` when None.
 
     Returns:
-        0 on success, 1 when an input is missing, unreadable or of the wrong shape (the message names the file).
+        0 on success, 2 when an input is missing, unreadable or of the wrong shape (the message names the file).
     """
-
     args = score_parser().parse_args(argv)
     try:
         result = score_volumes(prediction_pairs(args.pred, args.labels), topo_mode=args.topo_mode)
-    except (ValueError, OSError, RuntimeError) as e:
+    except ValueError as e:  # bad input; an OSError (permission, disk) is the environment's: pipeline.utils.errors
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(result) if args.json else _table(result))
     return 0

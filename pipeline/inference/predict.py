@@ -200,9 +200,12 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
     """The volumes at ``path``: itself when it is a volume, else the zarr stores and TIFFs in the folder.
 
     Raises:
-        PredictError: nothing to predict there.
+        PredictError: ``path`` does not exist, or holds nothing to predict.
     """
     path = Path(path)
+    if not path.exists():
+        msg = f"{path}: input not found"
+        raise PredictError(msg)
     if not path.is_dir() or _is_zarr_dir(path):
         return [path]
     found = sorted(p for p in path.iterdir() if _is_zarr_dir(p) or (p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES)))

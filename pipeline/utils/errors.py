@@ -3,10 +3,14 @@
 Bad input, impossible settings, a busy or finished checkpoint folder, a full disk and a preemption signal all end
 the run with one last line ``error: <file>: <problem>`` and a non-zero exit code:
 
-- 2: bad input or settings (:class:`PipelineError`, ``transforms.io.VolumeError``), the README's promise;
+- 2: bad input or settings (:class:`PipelineError`, ``transforms.io.VolumeError``, a path that does not exist),
+  the README's promise;
 - 128 + signal number: stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (:class:`Preempted`);
-- 1: an operating-system error (disk full, permission denied: the line names the path) or anything unexpected
-  (the traceback is printed first, then the line).
+- 1: the environment (disk full, permission denied: the line names the path) or anything unexpected (the
+  traceback is printed first, then the line).
+
+Every subcommand of ``python -m pipeline`` follows this rule (``pipeline.cli.main`` runs each through
+:func:`run_reporting_errors`).
 
 ``python -m pipeline`` calls :func:`report` itself. ``python -m monai.bundle run`` wraps an error raised while
 evaluating a config expression in ``RuntimeError: Failed to evaluate ConfigExpression`` and prints a long
@@ -47,6 +51,7 @@ __all__ = [
 ]
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_MISSING_ERRNOS = {errno.ENOENT, errno.ENOTDIR}  # a path the user gave that is not there: bad input, exit 2
 
 
 class DiskError(OSError):
@@ -166,7 +171,7 @@ def one_line(exc: BaseException) -> tuple[str, int, bool]:
         text = (str(root).strip().splitlines() or [""])[0]
         return f"error: {type(root).__name__}: {text} (unexpected; the traceback above shows where)", 1, False
     if isinstance(user, OSError) and not _is_user_error(user):
-        return f"error: {_os_line(user)}", 1, True
+        return f"error: {_os_line(user)}", 2 if user.errno in _MISSING_ERRNOS else 1, True
     return f"error: {user}", int(getattr(user, "exit_code", 2)), True
 
 

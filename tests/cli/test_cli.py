@@ -123,3 +123,55 @@ def test_bundle_command_line_refuses_an_unknown_key(tmp_path: Path) -> None:
         "error: unknown setting(s) 'epoch' (did you mean 'epochs'?): not a key of train.yaml"
     )
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["score", "--pred", "{missing}/submission.zip", "--labels", "{missing}/labels"],
+        ["merge", "--pred_dir", "{missing}/part0", "--dataset_dir", "{missing}/data"],
+        ["predict", "--input", "{missing}/volume.zarr", "--output", "{tmp}/out.zarr", "--model_path", "{missing}/m.pt"],
+        ["tune", "--dataset_dir", "{missing}/data", "--ckpt_dir", "{missing}/models"],
+        ["synth", "--out", "{tmp}"],  # exists already: refused, nothing overwritten
+        ["--dataset_dir", "{missing}/data"],
+    ],
+    ids=["score", "merge", "predict", "tune", "synth", "main job"],
+)
+def test_bad_input_exits_2_with_one_line_on_every_command(tmp_path: Path, capsys, args: list[str]) -> None:
+    from pipeline.cli.main import main
+
+    missing = tmp_path / "missing"
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and str(tmp_path) in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_environment_failures_exit_1_on_every_command(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Disk full or no permission is the machine's problem, not the input's: exit 1, one line naming the path."""
+    import errno
+
+    import pipeline.data.synth as synth
+    from pipeline.cli.main import main
+    from pipeline.utils.errors import DiskError
+
+    out = tmp_path / "synthetic"
+    for failure in (PermissionError(errno.EACCES, "Permission denied", str(out)),
+                    DiskError(errno.ENOSPC, f"{out}: not enough disk space: about 10 bytes needed, 0 bytes free")):
+        def fail(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(synth, "generate_dataset", fail)
+        assert main(["synth", "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {out}")
+
+
+def test_score_on_a_missing_folder_exits_2_from_the_command_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "score", "--pred", str(tmp_path / "nope"), "--labels", str(tmp_path / "no")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and str(tmp_path) in proc.stderr

@@ -367,7 +367,7 @@ def test_cli_folder_and_zip(tmp_path, labels_dir, capsys):
 def test_cli_errors_name_the_file(tmp_path, labels_dir, capsys):
     preds = tmp_path / "preds"
     preds.mkdir()
-    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 2
     assert "no <id>.tif predictions" in capsys.readouterr().err
 
     # a fold's predictions scored against a folder holding more labels: only the predicted ids count
@@ -376,18 +376,18 @@ def test_cli_errors_name_the_file(tmp_path, labels_dir, capsys):
     assert list(json.loads(capsys.readouterr().out)["volumes"]) == ["100"]
 
     tifffile.imwrite(preds / "200.tif", np.zeros((SMALL, SMALL, SMALL + 1), np.uint8))
-    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 2
     err = capsys.readouterr().err
     assert "200.tif" in err and "shape" in err
 
     (preds / "200.tif").write_bytes(b"not a tiff")
-    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 2
     err = capsys.readouterr().err
     assert "200.tif" in err and "cannot read" in err
 
     tifffile.imwrite(preds / "200.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
     tifffile.imwrite(preds / "300.tif", np.zeros((SMALL, SMALL, SMALL), np.uint8))
-    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 1
+    assert main(["--pred", str(preds), "--labels", str(labels_dir)]) == 2
     assert "no label for volume id '300'" in capsys.readouterr().err
 
 
