@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import zipfile
 
 import numpy as np
@@ -564,11 +565,38 @@ def _reference_topo_counts(pred: np.ndarray, gt: np.ndarray, bm) -> dict[int, tu
     return {k: tuple(int(v) for v in total[k]) for k in range(3)}
 
 
+def _reference(required: bool = True):
+    """The compiled Betti-Matching-3D; a test that needs it skips where it is not installed, except under CI
+    (``CI=true``), where a missing reference fails: a green CI run has compared every count."""
+    bm = load_reference()
+    if bm is None and (required or _on_ci()):
+        msg = "compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)"
+        if _on_ci():
+            pytest.fail(f"{msg}: CI=true runs the exactness tests, .ci/run installs it")
+        pytest.skip(msg)
+    return bm
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def test_a_missing_reference_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(f"{__name__}.load_reference", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true runs the exactness tests"):
+        _reference()
+    with pytest.raises(pytest.fail.Exception):
+        _reference(required=False)
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        _reference()
+    assert _reference(required=False) is None
+
+
 @pytest.mark.parametrize("seed", range(56))
 def test_exact_topo_counts_equal_betti_matching_3d(seed):
-    bm = load_reference()
-    if bm is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    bm = _reference()
     rng = np.random.default_rng(seed)
     kind = KINDS[seed % len(KINDS)]
     shape = tuple(int(s) for s in rng.integers(9, 27, 3))  # odd sizes: uneven octants
@@ -583,9 +611,7 @@ def test_exact_topo_counts_equal_betti_matching_3d(seed):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_matching_counts_equal_betti_matching_3d_on_small_and_flat_boxes(seed):
-    bm = load_reference()
-    if bm is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    bm = _reference()
     rng = np.random.default_rng(100 + seed)
     for i in range(6):
         kind = KINDS[(seed * 6 + i) % len(KINDS)]
@@ -603,8 +629,7 @@ def test_matching_counts_equal_betti_matching_3d_on_partly_matched_loops_and_cav
     The random families above rarely have cavities in both masks; here most cases have 0 < m < min(p, g) in
     dimensions 1 and 2, so the dimension-2 keys and the dimension-1 image reductions are both exercised.
     """
-    if load_reference() is None:
-        pytest.skip("compiled Betti-Matching-3D not installed (pip install --no-deps topolosses==0.2.0)")
+    _reference()
     rng = np.random.default_rng(11)
     partial = np.zeros(3, int)
     for _ in range(12):
@@ -628,7 +653,7 @@ def test_thin_volumes_score_like_betti_matching_3d():
     """Boxes one or two voxels thick (a one-voxel line of prediction among them): cc3d's 26-connectivity fails on
     some of them unpadded."""
     rng = np.random.default_rng(3)
-    bm = load_reference()
+    bm = _reference(required=False)
     for shape in [(1, 1, 7), (1, 1, 10), (1, 3, 7), (2, 3, 5), (1, 14, 1), (2, 9, 11), (3, 1, 30)]:
         pred = rng.random(shape) < 0.5
         gt = rng.random(shape) < 0.5
