@@ -221,11 +221,12 @@ class ProgressHandler:
             return
         epoch_length = engine.state.epoch_length
         it_in_epoch = (engine.state.iteration - 1) % epoch_length + 1 if epoch_length else engine.state.iteration
-        samples_per_s = self.batch_transform(engine.state.batch) * idist.get_world_size() / self.iter_time_s
+        samples = self.batch_transform(engine.state.batch) * idist.get_world_size()
         fields = {"loss": "n/a" if loss is None else f"{loss:.4f}"}
         if self.optimizer is not None:
             fields["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3e}"
-        fields["samples/s"] = f"{samples_per_s:.2f}"
+        # a coarse clock (or an instant step) can tick zero: no rate rather than a crash of the run
+        fields["samples/s"] = f"{samples / self.iter_time_s:.2f}" if self.iter_time_s > 0 else "n/a"
         fields["ETA"] = _format_eta(self.eta_s)
         if self._bar is not None:
             self._bar.set_postfix(fields, refresh=False)
