@@ -1,0 +1,1 @@
+"""Data: datalists and splits, the volume store, synthetic scrolls, input checks, device augmentation."""
