@@ -68,9 +68,22 @@ def test_configs_name_no_file_relative_to_the_working_directory():
     # the same resolution of the file's plans in both (evaluate also checks train.yaml's deep_supervision key)
     assert evaluate["model_plans"] == inference["model_plans"].replace(
         "'num_res_units': @num_res_units}", "'num_res_units': @num_res_units, 'deep_supervision': @deep_supervision}")
-    mixin = yaml.safe_load(open(CONFIGS / "multi_gpu_train.yaml"))["initialize"]
-    start = mixin.index(train["initialize"][0])
-    assert mixin[start:start + len(train["initialize"])] == train["initialize"]  # train.yaml's initialize, in order
+
+
+
+def test_multi_gpu_mixin_only_overrides_keys():
+    """multi_gpu_train.yaml copies no block of train.yaml: train.yaml's own initialize does the distributed steps
+    when there are several processes, and they are no-ops in one."""
+    train = yaml.safe_load(open(CONFIGS / "train.yaml"))
+    mixin = yaml.safe_load(open(CONFIGS / "multi_gpu_train.yaml"))
+    assert not {"initialize", "run", "training", "imports"} & set(mixin)
+    own = {"partition_cache"}  # the mixin's one setting of its own
+    for key in set(mixin) - own:
+        top = key.split("#", 1)[0]
+        assert top in train, f"multi_gpu_train.yaml: {key} overrides nothing in train.yaml"
+    steps = " ".join(train["initialize"] + train["run"])
+    for step in ("init_distributed", "setup_rank_logging", "seed_rank", "run_and_teardown"):
+        assert step in steps
 
 
 def test_default_paths_follow_bundle_root(tmp_path, monkeypatch):
