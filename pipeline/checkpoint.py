@@ -72,6 +72,7 @@ from monai.transforms import Randomizable, Transform
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from pipeline.errors import CheckpointDirError, Preempted, pass_on
+from pipeline.plans import pack_model
 from transforms.io import atomic_write
 
 __all__ = [
@@ -795,10 +796,11 @@ class BestModelSaver:
 
     Unlike ``CheckpointSaver(save_key_metric=True)``, whose best-so-far score starts afresh in every process (a
     resumed run would overwrite a better model with its first validation), this follows the evaluator's own
-    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file,
-    ``{"model": state_dict, "plans": plans}``, is written atomically and loads with ``torch.load(weights_only=True)``
-    (MONAI ``CheckpointLoader`` with ``load_dict={"model": net}`` and ``ckpt_export --key_in_ckpt model`` read the
-    weights; :func:`pipeline.plans.load_model_file` both).
+    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file, a
+    plain state dict (CPU tensors) carrying the plans in its metadata (:func:`pipeline.plans.pack_model`), is written
+    atomically and loads with ``torch.load(weights_only=True)`` straight into the network (MONAI ``CheckpointLoader``
+    with ``load_dict={"model": net}``, ``ckpt_export`` as the model zoo's ``verify_bundle.py`` calls it);
+    :func:`pipeline.plans.load_model_file` reads weights and plans.
 
     Args:
         save_path: the model file, e.g. ``models/model.pt``.
@@ -827,7 +829,7 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or engine.state.best_metric_epoch != engine.state.epoch:
             return
-        atomic_save({"model": _unwrap(self.network).state_dict(), "plans": self.plans}, self.save_path)
+        atomic_save(pack_model(_unwrap(self.network).state_dict(), self.plans), self.save_path)
         engine.logger.info(
             "saved best model (%s=%.4f at epoch %d) to %s",
             engine.state.key_metric_name, engine.state.best_metric, engine.state.epoch, self.save_path,
