@@ -155,7 +155,7 @@ def train_run(name: str, data: Path, work: Path, cap_bytes: int | None, iteratio
         "train#trainer#train_handlers: '$@train#handlers + [@step_timer]'\n"
         # validation cut to one centre window of two volumes (item 3 measures validation)
         "validate#dataset#data: \"$@store['val'][:2]\"\n"
-        "validate#transforms: \"$monai.transforms.Compose([transforms.crop.StoredVolumed(['image', 'label']), "
+        "validate#preprocessing: \"$monai.transforms.Compose([transforms.crop.StoredVolumed(['image', 'label']), "
         "monai.transforms.CenterSpatialCropd(['image', 'label'], @patch_size), transforms.intensity.NormalizeWithStatsd('image'), "
         "monai.transforms.CastToTyped('label', torch.float32)])\"\n"
     )

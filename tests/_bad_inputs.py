@@ -196,6 +196,7 @@ if __name__ == "__main__":
     import torch
     from monai.bundle import ConfigParser
 
+    from pipeline.model.plans import pack_model
     from pipeline.data.synth import SynthConfig, generate_dataset
     from tests.conftest import TINY_NETWORK, TINY_SHAPES
 
@@ -209,5 +210,5 @@ if __name__ == "__main__":
         parser.update(TINY_NETWORK)
         (work / "models").mkdir()
         net = parser.get_parsed_content("network_def")
-        torch.save({"model": net.state_dict(), "plans": parser.get_parsed_content("plans")}, work / "models" / "model.pt")
+        torch.save(pack_model(net.state_dict(), parser.get_parsed_content("plans")), work / "models" / "model.pt")
         _sweep(good, work / "models", work / "cases")

@@ -65,5 +65,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     ckpt_dir = tmp_path_factory.mktemp("models")
     net = parser.get_parsed_content("network_def")
-    torch.save({"model": net.state_dict(), "plans": parser.get_parsed_content("plans")}, ckpt_dir / "model.pt")
+    from pipeline.model.plans import pack_model
+
+    torch.save(pack_model(net.state_dict(), parser.get_parsed_content("plans")), ckpt_dir / "model.pt")
     return ckpt_dir

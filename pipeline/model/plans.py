@@ -1,7 +1,10 @@
 """Plans saved with the weights: a model file says how to rebuild, feed and post-process its network.
 
-``model.pt`` (written by :class:`pipeline.training.checkpoint.BestModelSaver`) and every training checkpoint hold
-``{"model": state_dict, "plans": plans, ...}`` (nnU-Net's plans, Lightning's hparams), where ``plans`` is
+``model.pt`` (written by :class:`pipeline.training.checkpoint.BestModelSaver`) is a plain state dict, as every model-zoo
+bundle's is, that carries its plans in the state dict's own metadata (:func:`pack_model`:
+``state_dict._metadata[""]["plans"]``, beside the ``version`` entry ``torch.save``/``torch.load(weights_only=True)``
+already round-trip and ``load_state_dict`` reads); every training checkpoint holds
+``{"model": state_dict, "plans": plans, ...}``. ``plans`` (nnU-Net's plans, Lightning's hparams) is
 
 - ``network``: :func:`pipeline.model.networks.build_network`'s arguments (``architecture``, ``channels``, ``strides``,
   ``num_res_units``, ``deep_supervision``, ``in_channels``, ``out_channels``);
@@ -13,9 +16,12 @@
 - ``postprocessing``: threshold, hysteresis, closing, hole plugging and minimum component size, ``None`` until
   ``python -m pipeline tune`` writes the setting it chose (``tuning`` then records how it was chosen).
 
-Every value is a plain number, string, list or dict, so the file still loads with ``torch.load(weights_only=True)``,
-and MONAI's ``CheckpointLoader(load_dict={"model": net})`` and ``ckpt_export --key_in_ckpt model`` read the weights
-under ``"model"``.
+Every value is a plain number, string, list or dict, so the file still loads with ``torch.load(weights_only=True)``.
+``model.pt`` loads as it is into the network (``net.load_state_dict(torch.load(...))``), through MONAI's
+``CheckpointLoader(load_dict={"model": net})`` (a one-key load_dict absent from the file loads the whole file) and
+through ``ckpt_export`` with or without ``--key_in_ckpt model`` (the model zoo's ``ci/verify_bundle.py`` gives none).
+Files of bundle 0.2.0-0.3.0 (``{"model": weights, "plans": plans}``) still load everywhere here; ``tune`` rewrites
+such a file in the plain layout.
 
 Inference, evaluation, tuning, streaming prediction and export build the network from the file
 (:func:`resolve_plans`): a network key left ``null`` takes the file's value, an explicit value must equal it (else
@@ -33,6 +39,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,7 @@ __all__ = [
     "build_from_plans",
     "load_model_file",
     "make_plans",
+    "pack_model",
     "read_plans",
     "resolve_plans",
     "save_postprocessing",
@@ -79,6 +87,8 @@ LEGACY_NETWORK = normalize_settings("unet", [16, 32, 64, 128], [2, 2, 2], 2, Fal
 """The network every weights-only file (bundle 0.1.0) was trained with, unless its user changed the settings."""
 LEGACY_PATCH_SIZE = [64, 64, 64]
 MISSING_HINT = "train a model first (run training), or set --model_path"
+PLANS_KEY = "plans"
+"""Key of the plans in a packed state dict's root metadata, ``state_dict._metadata[""]`` (:func:`pack_model`)."""
 
 _CACHE: dict[tuple[str, int, int], dict[str, Any] | None] = {}
 _WARNED: set[str] = set()
@@ -107,7 +117,7 @@ def make_plans(
 
     Example::
 
-        torch.save({"model": net.state_dict(), "plans": make_plans(net, [64, 64, 64])}, "model.pt")
+        torch.save(pack_model(net.state_dict(), make_plans(net, [64, 64, 64])), "model.pt")
     """
     settings = network if isinstance(network, Mapping) else network_settings(network)
     return {
@@ -121,6 +131,32 @@ def make_plans(
         "postprocessing": {k: postprocessing[k] for k in POSTPROCESSING_KEYS} if postprocessing else None,
         "tuning": dict(tuning) if tuning else None,
     }
+
+
+def pack_model(state: Mapping[str, torch.Tensor], plans: Mapping[str, Any] | None) -> OrderedDict:
+    """A plain state dict (CPU tensors) of ``state`` that carries ``plans``: what ``model.pt`` holds.
+
+    The plans ride in the state dict's metadata (``_metadata[""]["plans"]``), which ``torch.save`` and
+    ``torch.load(weights_only=True)`` keep and ``load_state_dict`` ignores beyond ``version``: the file loads as it is
+    into the network (``ckpt_export`` without ``key_in_ckpt``, ``CheckpointLoader``) and :func:`load_model_file` reads
+    both. A copy that drops the metadata (``dict(state)``) drops the plans.
+
+    Args:
+        state: the network's ``state_dict()`` (its per-module metadata, if any, is kept).
+        plans: :func:`make_plans`'s result, or None (weights only).
+
+    Example::
+
+        torch.save(pack_model(net.state_dict(), make_plans(net, [64, 64, 64])), "model.pt")
+    """
+    packed = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    metadata = OrderedDict(getattr(state, "_metadata", None) or {})
+    root = {k: v for k, v in dict(metadata.get("", {})).items() if k != PLANS_KEY}
+    if plans is not None:
+        root[PLANS_KEY] = copy.deepcopy(dict(plans))
+    metadata[""] = root
+    packed._metadata = metadata  # type: ignore[attr-defined]
+    return packed
 
 
 def _patch(value: Any, key: str) -> list[int]:
@@ -140,11 +176,12 @@ def _load(path: Path, mmap: bool) -> Any:
 
 
 def _split(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):  # a checkpoint, or model.pt of 0.2.0-0.3.0
         plans = obj.get("plans")
-        return dict(obj["model"]), (dict(plans) if isinstance(plans, Mapping) else None)
+        return obj["model"], (dict(plans) if isinstance(plans, Mapping) else None)
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj), None  # weights only (bundle 0.1.0)
+        plans = (getattr(obj, "_metadata", None) or {}).get("", {}).get(PLANS_KEY)  # pack_model's; none: bundle 0.1.0
+        return obj, (dict(plans) if isinstance(plans, Mapping) else None)
     msg = f"{path}: holds neither weights nor {{'model': weights, 'plans': ...}}; give the model.pt training wrote"
     raise ModelFileError(msg)
 
@@ -308,4 +345,4 @@ def save_postprocessing(
         msg = f"{model_path}: weights only, and no plans given to write into it"
         raise ValueError(msg)
     new = make_plans(base["network"], base["patch_size"], setting, tuning)
-    return atomic_save({"model": state, "plans": new}, model_path)
+    return atomic_save(pack_model(state, new), model_path)

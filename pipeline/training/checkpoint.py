@@ -64,6 +64,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from pipeline.model.plans import pack_model
 from pipeline.training.lock import dir_lock
 from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
 from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
@@ -562,10 +563,11 @@ class BestModelSaver:
 
     Unlike ``CheckpointSaver(save_key_metric=True)``, whose best-so-far score starts afresh in every process (a
     resumed run would overwrite a better model with its first validation), this follows the evaluator's own
-    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file,
-    ``{"model": state_dict, "plans": plans}``, is written atomically and loads with ``torch.load(weights_only=True)``
-    (MONAI ``CheckpointLoader`` with ``load_dict={"model": net}`` and ``ckpt_export --key_in_ckpt model`` read the
-    weights; :func:`pipeline.model.plans.load_model_file` both).
+    ``state.best_metric``/``best_metric_epoch``, which :class:`TrainingCheckpointer` saves and restores. The file, a
+    plain state dict (CPU tensors) carrying the plans in its metadata (:func:`pipeline.model.plans.pack_model`), is written
+    atomically and loads with ``torch.load(weights_only=True)`` straight into the network (MONAI ``CheckpointLoader``
+    with ``load_dict={"model": net}``, ``ckpt_export`` as the model zoo's ``verify_bundle.py`` calls it);
+    :func:`pipeline.model.plans.load_model_file` reads weights and plans.
 
     Args:
         save_path: the model file, e.g. ``models/model.pt``.
@@ -594,7 +596,7 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or engine.state.best_metric_epoch != engine.state.epoch:
             return
-        atomic_save({"model": _unwrap(self.network).state_dict(), "plans": self.plans}, self.save_path)
+        atomic_save(pack_model(_unwrap(self.network).state_dict(), self.plans), self.save_path)
         engine.logger.info(
             "saved best model (%s=%.4f at epoch %d) to %s",
             engine.state.key_metric_name, engine.state.best_metric, engine.state.epoch, self.save_path,

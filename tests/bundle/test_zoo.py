@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from pipeline.model.networks import build_network
-from pipeline.model.plans import load_model_file, make_plans
+from pipeline.model.plans import load_model_file, make_plans, pack_model
 from tests.conftest import cli_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,12 +58,12 @@ def test_verify_net_in_out_and_torchscript_export_for_each_architecture(architec
     torch.manual_seed(0)
     net = build_network(architecture, channels=[4, 8, 16, 32], strides=[2, 2, 2], num_res_units=1)
     model = tmp_path / "model.pt"
-    torch.save({"model": net.state_dict(), "plans": make_plans(net, [32, 32, 32])}, model)
+    torch.save(pack_model(net.state_dict(), make_plans(net, [32, 32, 32])), model)
     verify_net_in_out("network_def", meta_file=META, config_file=str(CONFIGS / "inference.yaml"), device="cpu",
                       model_path=str(model))
     exported = tmp_path / "model.ts"
     ckpt_export("network_def", filepath=str(exported), ckpt_file=str(model), meta_file=META,
-                config_file=str(CONFIGS / "inference.yaml"), key_in_ckpt="model", model_path=str(model))
+                config_file=str(CONFIGS / "inference.yaml"), model_path=str(model))  # no key_in_ckpt, as the zoo
     _same_as_eager(exported, model)
 
 
@@ -119,7 +119,7 @@ def test_a_trained_model_runs_everywhere_from_its_file_alone(network, tiny_datas
     assert tuned == {k: json.loads((out / "tuning.json").read_text())["best"][k] for k in tuned}
     exported = tmp_path / "model.ts"
     _run(["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(model),
-          "--meta_file", META, "--config_file", str(CONFIGS / "inference.yaml"), "--key_in_ckpt", "model",
+          "--meta_file", META, "--config_file", str(CONFIGS / "inference.yaml"),
           "--model_path", str(model)], elsewhere)
     _same_as_eager(exported, model)
     assert not list(elsewhere.iterdir())  # nothing written relative to the working directory

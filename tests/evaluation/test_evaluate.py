@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from monai.bundle import ConfigParser
 
 from pipeline.data.datalist import prepare_datalists
 from pipeline.evaluation.report import write_metrics
+from pipeline.model.plans import load_model_file
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
 from tests.conftest import TINY_NETWORK, cli_args
 from transforms.io import read_volume
@@ -92,7 +92,7 @@ def test_evaluating_writes_per_volume_scores_equal_to_rescoring_saved_masks(tiny
     # the model file has no tuned post-processing: inference.yaml's defaults, and the network and patch of the file
     for key, value in inference.get_parsed_content("postprocessing_defaults").items():
         assert report["settings"][key] == value, key
-    plans = torch.load(tiny_model_dir / "model.pt", weights_only=True)["plans"]
+    plans = load_model_file(tiny_model_dir / "model.pt")[1]
     assert report["settings"]["network"] == plans["network"] and report["settings"]["patch_size"] == plans["patch_size"]
     assert report["settings"]["model_path"] == str(tiny_model_dir / "model.pt")
 

@@ -611,7 +611,7 @@ def test_exact_topo_counts_equal_betti_matching_3d(seed):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_matching_counts_equal_betti_matching_3d_on_small_and_flat_boxes(seed):
-    bm = _reference()
+    _reference()
     rng = np.random.default_rng(100 + seed)
     for i in range(6):
         kind = KINDS[(seed * 6 + i) % len(KINDS)]

@@ -15,10 +15,10 @@ import torch
 import yaml
 
 from pipeline.cli.main import parse_overrides
-from pipeline.cli.tune import main
 from pipeline.data.datalist import prepare_datalists
+from pipeline.model.plans import load_model_file
 from pipeline.evaluation.score import COMPONENT_KEYS
-from pipeline.evaluation.tune import SETTING_KEYS, SweepGrid, format_overrides
+from pipeline.evaluation.tune import SETTING_KEYS, SweepGrid, format_overrides, main
 from tests.conftest import TINY_NETWORK, cli_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny
     monkeypatch.chdir(tmp_path)  # from anywhere, with no network setting: the model file has them
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir, models)  # tune writes into the model file
-    before = torch.load(models / "model.pt", weights_only=True)
+    before_state, before_plans = load_model_file(models / "model.pt")
     out = tmp_path / "tune"
     grid = ["--grid_threshold", "0.3,0.5,0.7", "--grid_hysteresis_high", "none,0.9", "--grid_closing_radius", "0,1",
             "--grid_plug_holes", "true", "--grid_min_size", "0,200"]
@@ -86,11 +86,11 @@ def test_tune_reports_best_setting_that_evaluating_reproduces(tiny_dataset, tiny
     assert f"inference overrides: {report['overrides']}" in printed
 
     # the best setting is written into the model file's plans; the weights are unchanged
-    after = torch.load(models / "model.pt", weights_only=True)
-    assert after["plans"]["postprocessing"] == {k: best[k] for k in SETTING_KEYS}
-    assert after["plans"]["tuning"]["score"] == best["score"] and after["plans"]["tuning"]["volumes"] == val_ids
-    assert after["plans"]["network"] == before["plans"]["network"]
-    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    after_state, after_plans = load_model_file(models / "model.pt")
+    assert after_plans["postprocessing"] == {k: best[k] for k in SETTING_KEYS}
+    assert after_plans["tuning"]["score"] == best["score"] and after_plans["tuning"]["volumes"] == val_ids
+    assert after_plans["network"] == before_plans["network"]
+    assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
     assert f"wrote the best setting into {models / 'model.pt'}" in printed
 
     # evaluating that file with no setting at all (the plans give them) reproduces the tuned score, as do the

@@ -144,7 +144,7 @@ def test_best_model_saver_writes_weights_and_plans_that_monai_checkpoint_loader_
     assert saved["normalization"]["method"] == "zscore_volume" and saved["ignore_label"] == 2
     assert set(saved["labels"]) == {"0", "1", "2"} and saved["postprocessing"] is None
     other = build_network("dynunet", **SMALL)
-    CheckpointLoader(str(tmp_path / "model.pt"), {"model": other})(Engine(lambda e, b: None))  # reads ckpt["model"]
+    CheckpointLoader(str(tmp_path / "model.pt"), {"model": other})(Engine(lambda e, b: None))  # the whole file
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
 
 

@@ -189,7 +189,7 @@ def test_ddp_training_shards_and_gathered_dice(ddp_dataset, tmp_path, capfd):
     parser.update(_overrides(ddp_dataset, tmp_path / "single"))
     parser.get_parsed_content("imports")
     network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(tmp_path / "models" / "model.pt", map_location="cpu")["model"])
+    network.load_state_dict(torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True))
     evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
     assert evaluator.state.metrics["val_dice"] == pytest.approx(max(dice[0]), abs=1e-5)

@@ -81,7 +81,7 @@ def test_validation_and_best_model_use_the_ema_weights(tiny_dataset: Path, tmp_p
     assert evaluator.network is ema.ema_model and evaluator.state.epoch == 1  # validated with the EMA
     raw, averaged = network.state_dict(), ema.ema_model.state_dict()
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # the raw network trained on its own
-    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]  # beside its plans
+    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # a plain state dict (plans in metadata)
     assert all(torch.equal(saved[k], averaged[k]) for k in averaged)  # the best model is the EMA
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
     assert final["ema"]["num_updates"] == steps and all(torch.equal(final["ema"]["model"][k], averaged[k]) for k in averaged)
