@@ -66,8 +66,9 @@ def test_configs_name_no_file_relative_to_the_working_directory():
     evaluate = yaml.safe_load(open(CONFIGS / "evaluate.yaml"))
     assert inference["network_def"] == evaluate["network_def"] == "$pipeline.model.plans.build_from_plans(@model_plans)"
     # the same resolution of the file's plans in both (evaluate also checks train.yaml's deep_supervision key)
-    assert evaluate["model_plans"] == inference["model_plans"].replace(
-        "'num_res_units': @num_res_units}", "'num_res_units': @num_res_units, 'deep_supervision': @deep_supervision}")
+    assert evaluate["model_plans"] == inference["model_plans"]
+    assert evaluate["postprocessing_settings"] == inference["postprocessing_settings"]
+    assert evaluate["network_settings"] == {**inference["network_settings"], "deep_supervision": "@deep_supervision"}
 
 
 
