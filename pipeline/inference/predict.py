@@ -360,15 +360,10 @@ class StreamingPredictor:
             raise PredictError(msg)
         mean, std = volume_stats(source, self.chunk_size)
         manifest = {**key, "stats": {"mean": mean, "std": std}}
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
-        atomic_write_bytes(tmp, json.dumps(manifest, indent=1, sort_keys=True).encode())
         try:
-            os.link(tmp, path)  # fails if another part wrote it first: then that one is checked
-        except FileExistsError:
+            atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode(), exclusive=True)
+        except FileExistsError:  # another part wrote it first: then that one is checked
             return self._check_manifest(out, key)
-        finally:
-            tmp.unlink(missing_ok=True)
         return manifest
 
     def _check_manifest(self, out: Path, key: dict[str, Any]) -> dict[str, Any]:

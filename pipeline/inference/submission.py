@@ -12,7 +12,7 @@ import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import tifffile
@@ -20,6 +20,7 @@ import torch
 from monai.utils import CommonKeys as Keys
 
 from pipeline.utils.errors import PipelineError
+from pipeline.utils.files import atomic_write
 from transforms.io import case_id, read_volume_shape, write_volume
 
 if TYPE_CHECKING:
@@ -74,29 +75,27 @@ def check_submission(zip_path: str | os.PathLike, expected: Mapping[str, Sequenc
 def write_submission_zip(
     pred_dir: str | os.PathLike, zip_path: str | os.PathLike, expected: Mapping[str, Sequence[int]]
 ) -> Path:
-    """Zip ``<id>.tif`` masks from ``pred_dir`` into ``zip_path``: written to a temporary name, checked, renamed.
+    """Zip ``<id>.tif`` masks from ``pred_dir`` into ``zip_path``: written to a temporary name, checked, renamed
+    (:func:`pipeline.utils.files.atomic_write`).
 
     Raises:
         SubmissionError: the check failed; no zip is left at ``zip_path`` from this call.
     """
     pred_dir, zip_path = Path(pred_dir), Path(zip_path)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    try:
+
+    def write(f: BinaryIO) -> None:
         # masks are LZW-compressed already: store them, deflating again only costs time
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
             for case in sorted(expected):
                 src = pred_dir / f"{case}.tif"
                 if not src.is_file():
                     msg = f"{src}: prediction for test case {case} not written"
                     raise SubmissionError(msg)
                 zf.write(src, arcname=src.name)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        check_submission(tmp, expected)
-        os.replace(tmp, zip_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        f.flush()
+        check_submission(f.name, expected)  # the temporary file: a zip that fails the check never takes the name
+
+    atomic_write(zip_path, write)
     logger.info("submission written and checked: %s (%d volumes)", zip_path, len(expected))
     return zip_path
 
