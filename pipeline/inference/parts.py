@@ -113,16 +113,19 @@ def merge_parts(
     Raises:
         SubmissionError: a case missing from every folder, found in two, or a zip that fails the check.
     """
-    from pipeline.inference.submission import SubmissionError, write_submission_zip
+    from pipeline.inference.submission import MaskFiles, SubmissionError, write_submission_zip
 
-    found: dict[str, Path] = {}
-    for d in map(Path, pred_dirs):
-        for f in sorted(d.glob("*.tif")):
-            if case_id(f) in expected:
-                if case_id(f) in found:
-                    msg = f"{f}: case {case_id(f)} also predicted in {found[case_id(f)]}; keep one"
-                    raise SubmissionError(msg)
-                found[case_id(f)] = f
+    found: dict[str, str] = {}
+    for d in pred_dirs:
+        if not Path(d).is_dir():  # a part that has not run: named below with the cases it owes
+            continue
+        with MaskFiles(d, recursive=False) as masks:
+            for case, f in masks.entries:
+                if case in expected:
+                    if case in found:
+                        msg = f"{f}: case {case} also predicted in {found[case]}; keep one"
+                        raise SubmissionError(msg)
+                    found[case] = f
     missing = sorted(set(expected) - set(found))
     if missing:
         msg = f"{', '.join(map(str, pred_dirs))}: no mask for test case(s) {missing}; run every part before merging"
