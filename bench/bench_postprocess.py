@@ -28,12 +28,13 @@ from typing import Any
 from pipeline.cli.main import parse_overrides
 from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.evaluation.tune import (
+    EVALUATE_CONFIGS,
     SETTING_KEYS,
     SweepGrid,
     format_overrides,
-    load_config,
     sweep,
 )
+from pipeline.utils.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = {"threshold": 0.5, "hysteresis_low": None, "hysteresis_high": None, "closing_radius": 0, "plug_holes": False,
@@ -56,7 +57,7 @@ def _train(out: Path, epochs: int, overrides: dict[str, Any]) -> tuple[Path, flo
 
 def _pass(overrides: dict[str, Any], settings: list[dict], workers: int) -> tuple[list[dict], float]:
     start = time.perf_counter()
-    rows = sweep(load_config(overrides), settings, workers=workers)
+    rows = sweep(load_config(*EVALUATE_CONFIGS, overrides=overrides), settings, workers=workers)
     return rows, time.perf_counter() - start
 
 
@@ -84,7 +85,7 @@ def main() -> None:
         model_path = Path(args.ckpt).resolve()
     common = {**overrides, "model_path": str(model_path), "output_dir": str(out / "eval")}
 
-    config = load_config(common)
+    config = load_config(*EVALUATE_CONFIGS, overrides=common)
     default = {key: config.get_parsed_content("model_plans")["postprocessing"][key] for key in SETTING_KEYS}
     settings = SweepGrid().settings(default)
     if RAW not in settings:

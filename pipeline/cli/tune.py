@@ -15,12 +15,13 @@ from pipeline.cli.main import parse_overrides
 from pipeline.cli.parsers import tune_parser
 from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.evaluation.tune import (
+    EVALUATE_CONFIGS,
     SETTING_KEYS,
     SweepGrid,
     format_overrides,
-    load_config,
     sweep,
 )
+from pipeline.utils.config import load_config
 from pipeline.utils.files import atomic_write_bytes
 
 
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["tta"] = True
     given = {name: getattr(args, f"grid_{name}") for name in SweepGrid.__dataclass_fields__}
     grid = SweepGrid(**{name: values for name, values in given.items() if values is not None})
-    parser = load_config(overrides)
     try:
+        parser = load_config(*EVALUATE_CONFIGS, overrides=overrides)
         plans = parser.get_parsed_content("model_plans")  # the model file's, explicit settings checked or applied
         default = {key: plans["postprocessing"][key] for key in SETTING_KEYS}
         settings = grid.settings(default)

@@ -33,25 +33,24 @@ from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
-from pipeline.utils.paths import BUNDLE
 from transforms.postprocess import build_postprocessing
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 __all__ = [
+    "EVALUATE_CONFIGS",
     "SETTING_KEYS",
     "PostprocessingSweep",
     "SweepGrid",
     "format_overrides",
-    "load_config",
     "score_settings",
     "sweep",
 ]
 
-CONFIGS = BUNDLE / "configs"
-TRAIN_CONFIG = CONFIGS / "train.yaml"
-EVALUATE_CONFIG = CONFIGS / "evaluate.yaml"
+EVALUATE_CONFIGS = ("train.yaml", "evaluate.yaml")
+"""The configs of ``python -m monai.bundle run evaluating``, whose evaluator the sweep runs
+(``pipeline.utils.config.load_config(*EVALUATE_CONFIGS, overrides=...)``)."""
 
 SETTING_KEYS = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
 """Bundle keys of the post-processing (``evaluate.yaml``/``inference.yaml``), i.e. of one swept setting."""
@@ -209,21 +208,6 @@ class PostprocessingSweep:
         return sorted(rows, key=lambda row: -row["score"])
 
 
-def load_config(overrides: Mapping[str, Any] | None = None) -> ConfigParser:
-    """``train.yaml`` + ``evaluate.yaml`` with ``overrides``, as ``python -m monai.bundle run evaluating`` reads them.
-
-    Args:
-        overrides: bundle keys and values (``{"dataset_dir": ..., "tta": True}``).
-
-    Returns:
-        The (unparsed) config.
-    """
-    parser = ConfigParser()
-    parser.read_config([str(TRAIN_CONFIG), str(EVALUATE_CONFIG)])
-    parser.update(dict(overrides or {}))
-    return parser
-
-
 def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -> list[dict[str, Any]]:
     """Run the bundle's evaluator once over the validation split and score ``settings`` on every volume.
 
@@ -231,7 +215,7 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
     post-processing, metrics and other handlers are taken off, so ``pred`` holds probabilities.
 
     Args:
-        parser: config from :func:`load_config` (modified in place).
+        parser: ``train.yaml`` + ``evaluate.yaml`` (:data:`EVALUATE_CONFIGS`), modified in place.
         settings: the settings to score.
         workers: processes that score settings in parallel (1 = in this process).
 

@@ -48,7 +48,6 @@ import torch
 
 from pipeline.inference.blockwise import BlockwiseSlidingWindow
 from pipeline.utils.files import atomic_write_bytes
-from pipeline.utils.paths import BUNDLE
 from transforms.io import TIFF_SUFFIXES
 
 __all__ = [
@@ -481,20 +480,15 @@ class StreamingPredictor:
 def build_from_config(overrides: dict[str, Any], model_path: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network (built from the model file's plans, weights loaded) and the settings of inference.yaml with
     ``overrides`` (the patch and post-processing from the plans unless given)."""
-    from monai.bundle import ConfigParser
-
     from pipeline.model.plans import build_from_plans, load_model_file
     from pipeline.utils.amp import resolve_amp
-    from pipeline.utils.errors import PipelineError
+    from pipeline.utils.config import load_config
+    from pipeline.utils.errors import PipelineError, SettingsError
 
-    config = BUNDLE / "configs" / "inference.yaml"
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    unknown = sorted(k for k in overrides if k.split("#", 1)[0] not in parser.get())
-    if unknown:
-        msg = f"unknown setting(s) {unknown}: not keys of {config}"
-        raise PredictError(msg)
-    parser.update(overrides)
+    try:
+        parser = load_config("inference.yaml", overrides=overrides)
+    except SettingsError as e:
+        raise PredictError(str(e)) from e
     if model_path:
         parser["model_path"] = model_path
     path = Path(parser.get_parsed_content("model_path"))
