@@ -19,6 +19,7 @@ from pipeline.inference.predict import (
     build_from_config,
     list_inputs,
 )
+from pipeline.model.plans import POSTPROCESSING_KEYS
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = list_inputs(args.input)
         network, s = build_from_config(overrides, args.model_path)
-        post_keys = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
-        post_settings = {k: s[k] for k in post_keys}
+        post_settings = {k: s[k] for k in POSTPROCESSING_KEYS}
         post = build_postprocessing(**post_settings)
         predictor = StreamingPredictor(
             network, s["patch_size"], overlap=s["overlap"], sw_batch_size=s["sw_batch_size"],

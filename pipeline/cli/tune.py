@@ -16,11 +16,11 @@ from pipeline.cli.parsers import tune_parser
 from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.evaluation.tune import (
     EVALUATE_CONFIGS,
-    SETTING_KEYS,
     SweepGrid,
     format_overrides,
     sweep,
 )
+from pipeline.model.plans import POSTPROCESSING_KEYS
 from pipeline.utils.config import load_config
 from pipeline.utils.files import atomic_write_bytes
 
@@ -29,7 +29,7 @@ def _table(rows: Iterable[Mapping[str, Any]]) -> str:
     head = ["threshold", "hyst_low", "hyst_high", "closing", "plug", "min_size", *COMPONENT_KEYS]
     lines = ["".join(f"{h:>13}" for h in head)]
     for row in rows:
-        setting = [row[k] for k in SETTING_KEYS]
+        setting = [row[k] for k in POSTPROCESSING_KEYS]
         lines.append(
             "".join(f"{str(v):>13}" for v in setting) + "".join(f"{row[k]:>13.4f}" for k in COMPONENT_KEYS)
         )
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = load_config(*EVALUATE_CONFIGS, overrides=overrides)
         plans = parser.get_parsed_content("model_plans")  # the model file's, explicit settings checked or applied
-        default = {key: plans["postprocessing"][key] for key in SETTING_KEYS}
+        default = {key: plans["postprocessing"][key] for key in POSTPROCESSING_KEYS}
         settings = grid.settings(default)
         if len(settings) > args.max_settings:
             msg = f"the grid has {len(settings)} settings, more than --max_settings {args.max_settings}; shrink it"
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {user}", file=sys.stderr)
         return 2
-    default_row = next(row for row in rows if all(row[k] == default[k] for k in SETTING_KEYS))
+    default_row = next(row for row in rows if all(row[k] == default[k] for k in POSTPROCESSING_KEYS))
     best = rows[0]
     overrides_text = format_overrides(best)
     output_dir = Path(parser.get_parsed_content("output_dir"))

@@ -33,6 +33,7 @@ from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
+from pipeline.model.plans import POSTPROCESSING_KEYS
 from transforms.postprocess import build_postprocessing
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVALUATE_CONFIGS",
-    "SETTING_KEYS",
     "PostprocessingSweep",
     "SweepGrid",
     "format_overrides",
@@ -52,8 +52,6 @@ EVALUATE_CONFIGS = ("train.yaml", "evaluate.yaml")
 """The configs of ``python -m monai.bundle run evaluating``, whose evaluator the sweep runs
 (``pipeline.utils.config.load_config(*EVALUATE_CONFIGS, overrides=...)``)."""
 
-SETTING_KEYS = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
-"""Bundle keys of the post-processing (``evaluate.yaml``/``inference.yaml``), i.e. of one swept setting."""
 
 Setting = dict[str, Any]
 
@@ -89,10 +87,10 @@ class SweepGrid:
         """All settings of the grid, ``default`` (a setting of the bundle's current values) first when given.
 
         Args:
-            default: a setting with the keys :data:`SETTING_KEYS`; put first and not repeated.
+            default: a setting with the keys :data:`pipeline.model.plans.POSTPROCESSING_KEYS`; put first and not repeated.
 
         Returns:
-            Settings as dicts with the keys :data:`SETTING_KEYS`.
+            Settings as dicts with the keys :data:`pipeline.model.plans.POSTPROCESSING_KEYS`.
 
         Raises:
             ValueError: when a dimension of the grid is empty, or ``default`` lacks a key.
@@ -103,11 +101,11 @@ class SweepGrid:
                 raise ValueError(msg)
         out: list[Setting] = []
         if default is not None:
-            missing = [k for k in SETTING_KEYS if k not in default]
+            missing = [k for k in POSTPROCESSING_KEYS if k not in default]
             if missing:
                 msg = f"default setting {dict(default)} lacks {missing}"
                 raise ValueError(msg)
-            out.append({k: default[k] for k in SETTING_KEYS})
+            out.append({k: default[k] for k in POSTPROCESSING_KEYS})
         for thr, high, radius, plug, size in itertools.product(
             self.threshold, self.hysteresis_high, self.closing_radius, self.plug_holes, self.min_size
         ):
@@ -249,4 +247,4 @@ def _literal(value: Any) -> str:
 
 def format_overrides(setting: Mapping[str, Any]) -> str:
     """The ``--key value`` arguments that select ``setting`` in ``inference.yaml`` / ``evaluate.yaml``."""
-    return " ".join(f"--{key} {_literal(setting[key])}" for key in SETTING_KEYS)
+    return " ".join(f"--{key} {_literal(setting[key])}" for key in POSTPROCESSING_KEYS)
