@@ -48,6 +48,7 @@ import torch
 
 from pipeline.inference.blockwise import BlockwiseSlidingWindow
 from pipeline.utils.files import atomic_write_bytes
+from pipeline.utils.timing import format_eta
 from transforms.io import TIFF_SUFFIXES
 
 __all__ = [
@@ -270,11 +271,6 @@ def _differences(now: Any, old: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: {old!r} there, {now!r} now"]
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 @dataclass
 class StreamingPredictor:
     """Predict volumes block by block into chunked zarr masks, resumably.
@@ -458,7 +454,7 @@ class StreamingPredictor:
             left = sum(int(np.prod([s.stop - s.start for s in b])) for _, b in todo[n:])
             logger.info(
                 "%s: block %s (%d/%d): %.3g voxels/s, ETA %s", out.name, index, n, len(todo), rate,
-                _format_eta(left / rate if rate > 0 else 0),
+                format_eta(left / rate if rate > 0 else 0),
             )
         return out
 
