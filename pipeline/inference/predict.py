@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from pipeline.inference.blockwise import BlockwiseSlidingWindow
+from pipeline.inference.parts import check_part
 from pipeline.utils.files import atomic_write_bytes
 from pipeline.utils.timing import format_eta
 from transforms.io import TIFF_SUFFIXES
@@ -400,9 +401,7 @@ class StreamingPredictor:
         Raises:
             PredictError: bad input, an output holding another run, a bad part, or a failed write (disk full).
         """
-        if not (num_parts >= 1 and 0 <= part_id < num_parts):
-            msg = f"--part_id {part_id} outside 0..{num_parts - 1} (--num_parts {num_parts})"
-            raise PredictError(msg)
+        check_part(num_parts, part_id, PredictError, options=True)
         out = Path(output)
         source = open_volume(input_path)
         try:
