@@ -16,7 +16,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.utils.config import CONFIGS, YAML_LOADER, config_keys, unknown_keys_message
+from pipeline.utils.config import (
+    CONFIGS,
+    YAML_LOADER,
+    config_keys,
+    unknown_keys_message,
+)
 from pipeline.utils.paths import BUNDLE, REPO
 
 __all__ = [

@@ -21,7 +21,14 @@ from monai.utils import CommonKeys as Keys
 
 from pipeline.utils.errors import PipelineError
 from pipeline.utils.files import atomic_write
-from transforms.io import VolumeError, case_id, decode_volume, read_volume, read_volume_shape, write_volume
+from transforms.io import (
+    VolumeError,
+    case_id,
+    decode_volume,
+    read_volume,
+    read_volume_shape,
+    write_volume,
+)
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
