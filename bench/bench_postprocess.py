@@ -28,12 +28,13 @@ from typing import Any
 from pipeline.cli.main import parse_overrides
 from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.evaluation.tune import (
-    SETTING_KEYS,
+    EVALUATE_CONFIGS,
     SweepGrid,
     format_overrides,
-    load_config,
     sweep,
 )
+from pipeline.model.plans import POSTPROCESSING_KEYS
+from pipeline.utils.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = {"threshold": 0.5, "hysteresis_low": None, "hysteresis_high": None, "closing_radius": 0, "plug_holes": False,
@@ -56,12 +57,12 @@ def _train(out: Path, epochs: int, overrides: dict[str, Any]) -> tuple[Path, flo
 
 def _pass(overrides: dict[str, Any], settings: list[dict], workers: int) -> tuple[list[dict], float]:
     start = time.perf_counter()
-    rows = sweep(load_config(overrides), settings, workers=workers)
+    rows = sweep(load_config(*EVALUATE_CONFIGS, overrides=overrides), settings, workers=workers)
     return rows, time.perf_counter() - start
 
 
 def _find(rows: list[dict], setting: dict) -> dict:
-    return next(r for r in rows if all(r[k] == setting[k] for k in SETTING_KEYS))
+    return next(r for r in rows if all(r[k] == setting[k] for k in POSTPROCESSING_KEYS))
 
 
 def main() -> None:
@@ -84,14 +85,14 @@ def main() -> None:
         model_path = Path(args.ckpt).resolve()
     common = {**overrides, "model_path": str(model_path), "output_dir": str(out / "eval")}
 
-    config = load_config(common)
-    default = {key: config.get_parsed_content("model_plans")["postprocessing"][key] for key in SETTING_KEYS}
+    config = load_config(*EVALUATE_CONFIGS, overrides=common)
+    default = {key: config.get_parsed_content("model_plans")["postprocessing"][key] for key in POSTPROCESSING_KEYS}
     settings = SweepGrid().settings(default)
     if RAW not in settings:
         settings.append(RAW)
     rows, plain_s = _pass(common, settings, args.workers)
     tuned = rows[0]
-    tta_settings = [RAW] + [s for s in (default, {k: tuned[k] for k in SETTING_KEYS}) if s != RAW]
+    tta_settings = [RAW] + [s for s in (default, {k: tuned[k] for k in POSTPROCESSING_KEYS}) if s != RAW]
     tta_rows, tta_s = _pass({**common, "tta": True}, tta_settings, args.workers)
 
     lines = [
@@ -112,7 +113,7 @@ def main() -> None:
     for name, row in lines:
         print(f"{name:40}" + "".join(f"{row[k]:>14.4f}" for k in SHOWN))
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    summary = {name: {k: row[k] for k in (*SETTING_KEYS, *COMPONENT_KEYS)} for name, row in lines}
+    summary = {name: {k: row[k] for k in (*POSTPROCESSING_KEYS, *COMPONENT_KEYS)} for name, row in lines}
     (out / "eval" / "bench_postprocess.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

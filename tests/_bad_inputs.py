@@ -196,8 +196,8 @@ if __name__ == "__main__":
     import torch
     from monai.bundle import ConfigParser
 
-    from pipeline.model.plans import pack_model
     from pipeline.data.synth import SynthConfig, generate_dataset
+    from pipeline.model.plans import pack_model
     from tests.conftest import TINY_NETWORK, TINY_SHAPES
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,7 @@ end: the array a reader returns, the patches the network sees and the masks writ
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ __all__ = [
     "VolumeError",
     "TiffReader",
     "case_id",
+    "decode_volume",
     "read_volume",
     "read_volume_shape",
     "write_volume",
@@ -62,14 +64,16 @@ logging.getLogger("tifffile").addHandler(_TIFF_WARNINGS)
 
 
 class _OpenTiff:
-    """``tifffile.TiffFile`` that raises :class:`VolumeError` for a truncated or damaged file."""
+    """``tifffile.TiffFile`` that raises :class:`VolumeError` for a truncated or damaged file (``path``, or ``data``
+    read from elsewhere, e.g. a zip member; errors name ``path``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str | Path, data: bytes | None = None) -> None:
         self.path = path
+        self.data = data
 
     def __enter__(self) -> tifffile.TiffFile:
         try:
-            self.tif = tifffile.TiffFile(self.path)
+            self.tif = tifffile.TiffFile(self.path if self.data is None else io.BytesIO(self.data))
         except Exception as e:  # tifffile raises many types; the caller needs the file name, not the library's type
             msg = f"{self.path}: cannot read TIFF ({type(e).__name__}: {e})"
             raise VolumeError(msg) from e
@@ -78,7 +82,7 @@ class _OpenTiff:
         try:
             pages = list(self.tif.pages)
             _ = self.tif.series
-            size = self.path.stat().st_size
+            size = Path(self.path).stat().st_size if self.data is None else len(self.data)
             ends = [o + c for p in pages for o, c in zip(p.dataoffsets, p.databytecounts, strict=False)]
             if ends and max(ends) > size:
                 problem = f"pixel data run to byte {max(ends)}, the file has {size}"
@@ -96,8 +100,8 @@ class _OpenTiff:
         self.tif.close()
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    with _OpenTiff(path) as tif:
+def _read_tiff(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    with _OpenTiff(path, data) as tif:
         try:
             series = tif.series[0] if tif.series else None
             # One 3D series, or many 2D pages stored without series metadata: both are volumes.
@@ -109,7 +113,7 @@ def _read_tiff(path: Path) -> np.ndarray:
             raise VolumeError(msg) from e
 
 
-def _check_3d(path: Path, arr: np.ndarray) -> np.ndarray:
+def _check_3d(path: str | Path, arr: np.ndarray) -> np.ndarray:
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
     if arr.ndim != 3:
         msg = f"{path}: expected a 3D volume (Z, Y, X), got an array of shape {arr.shape}"
@@ -149,6 +153,22 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
     else:
         arr = _read_tiff(path)
     return _check_3d(path, arr)
+
+
+def decode_volume(data: bytes, name: str) -> np.ndarray:
+    """Decode a 3D TIFF held in memory (a zip member, say) as :func:`read_volume` reads a file.
+
+    Args:
+        data: the TIFF file's bytes.
+        name: what errors call it, e.g. ``submission.zip:1234.tif``.
+
+    Returns:
+        the volume (Z, Y, X), with its stored dtype.
+
+    Raises:
+        VolumeError: unreadable, truncated or not 3D.
+    """
+    return _check_3d(name, _read_tiff(name, data))
 
 
 def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:

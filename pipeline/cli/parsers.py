@@ -16,7 +16,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.utils.errors import suggest
+from pipeline.utils.config import (
+    CONFIGS,
+    YAML_LOADER,
+    config_keys,
+    unknown_keys_message,
+)
 from pipeline.utils.paths import BUNDLE, REPO
 
 __all__ = [
@@ -36,8 +41,6 @@ __all__ = [
     "with_recipe",
 ]
 
-CONFIGS = BUNDLE / "configs"
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml, where installed: parses the configs ~10x faster
 # what monai.bundle's `run` takes itself, next to the config keys it overrides
 BUNDLE_ARGS = frozenset(
     {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
@@ -115,7 +118,7 @@ def load_recipe(recipe: str) -> dict[str, Any]:
         msg = f"{path}: recipe not found; the bundle's recipes are {', '.join(recipe_names())}, or give a YAML file"
         raise ValueError(msg)
     try:
-        values = yaml.load(path.read_text(), Loader=_LOADER)
+        values = yaml.load(path.read_text(), Loader=YAML_LOADER)
     except yaml.YAMLError as e:
         msg = f"{path}: not valid YAML ({str(e).splitlines()[0]})"
         raise ValueError(msg) from e
@@ -218,26 +221,6 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid_min_size", type=_values(int), default=None,
                    help="e.g. 0,1000,20000 (default: 0,1000,20000)")
     return p
-
-
-def config_keys(*configs: str | Path) -> set[str]:
-    """Top-level keys of the configs (a mixin's ``+imports`` counts as ``imports``; ``a#b`` as ``a``)."""
-    keys: set[str] = set()
-    for config in configs:
-        with open(config) as f:
-            content = yaml.load(f, Loader=_LOADER) or {}
-        keys.update(str(k).lstrip("+").split("#", 1)[0] for k in content)
-    return keys
-
-
-def unknown_keys_message(keys: Iterable[str], known: Iterable[str], where: str) -> str | None:
-    """One line naming every key whose top-level part is not in ``known``, each with a suggestion; None if none."""
-    known = set(known)
-    unknown = sorted({k for k in keys if k.split("#", 1)[0] not in known})
-    if not unknown:
-        return None
-    named = ", ".join(f"{k!r}{suggest(k.split('#', 1)[0], known)}" for k in unknown)
-    return f"unknown setting(s) {named}: not a key of {where}"
 
 
 def _cli_keys(argv: list[str]) -> list[str]:

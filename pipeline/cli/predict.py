@@ -13,12 +13,14 @@ import numpy as np
 
 from pipeline.cli.main import parse_overrides
 from pipeline.cli.parsers import predict_parser
+from pipeline.inference.parts import check_part
 from pipeline.inference.predict import (
     PredictError,
     StreamingPredictor,
     build_from_config,
     list_inputs,
 )
+from pipeline.model.plans import POSTPROCESSING_KEYS
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -44,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = list_inputs(args.input)
         network, s = build_from_config(overrides, args.model_path)
-        post_keys = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
-        post_settings = {k: s[k] for k in post_keys}
+        post_settings = {k: s[k] for k in POSTPROCESSING_KEYS}
         post = build_postprocessing(**post_settings)
         predictor = StreamingPredictor(
             network, s["patch_size"], overlap=s["overlap"], sw_batch_size=s["sw_batch_size"],
@@ -54,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=_triple(args.block_size), chunk_size=_triple(args.chunk_size),
             probabilities=args.probabilities, cache_bytes=args.cache_mb << 20,
         )
-        if not (args.num_parts >= 1 and 0 <= args.part_id < args.num_parts):
-            msg = f"--part_id {args.part_id} outside 0..{args.num_parts - 1} (--num_parts {args.num_parts})"
-            raise PredictError(msg)
+        check_part(args.num_parts, args.part_id, PredictError, options=True)  # before the ranks multiply them
         # under torchrun each rank takes its own blocks of this machine's part (blocks are independent: no group)
         world, rank = get_world_size(), get_rank()
         folder = len(inputs) > 1 or inputs[0] != Path(args.input)

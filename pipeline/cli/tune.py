@@ -15,12 +15,13 @@ from pipeline.cli.main import parse_overrides
 from pipeline.cli.parsers import tune_parser
 from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.evaluation.tune import (
-    SETTING_KEYS,
+    EVALUATE_CONFIGS,
     SweepGrid,
     format_overrides,
-    load_config,
     sweep,
 )
+from pipeline.model.plans import POSTPROCESSING_KEYS
+from pipeline.utils.config import load_config
 from pipeline.utils.files import atomic_write_bytes
 
 
@@ -28,7 +29,7 @@ def _table(rows: Iterable[Mapping[str, Any]]) -> str:
     head = ["threshold", "hyst_low", "hyst_high", "closing", "plug", "min_size", *COMPONENT_KEYS]
     lines = ["".join(f"{h:>13}" for h in head)]
     for row in rows:
-        setting = [row[k] for k in SETTING_KEYS]
+        setting = [row[k] for k in POSTPROCESSING_KEYS]
         lines.append(
             "".join(f"{str(v):>13}" for v in setting) + "".join(f"{row[k]:>13.4f}" for k in COMPONENT_KEYS)
         )
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["tta"] = True
     given = {name: getattr(args, f"grid_{name}") for name in SweepGrid.__dataclass_fields__}
     grid = SweepGrid(**{name: values for name, values in given.items() if values is not None})
-    parser = load_config(overrides)
     try:
+        parser = load_config(*EVALUATE_CONFIGS, overrides=overrides)
         plans = parser.get_parsed_content("model_plans")  # the model file's, explicit settings checked or applied
-        default = {key: plans["postprocessing"][key] for key in SETTING_KEYS}
+        default = {key: plans["postprocessing"][key] for key in POSTPROCESSING_KEYS}
         settings = grid.settings(default)
         if len(settings) > args.max_settings:
             msg = f"the grid has {len(settings)} settings, more than --max_settings {args.max_settings}; shrink it"
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {user}", file=sys.stderr)
         return 2
-    default_row = next(row for row in rows if all(row[k] == default[k] for k in SETTING_KEYS))
+    default_row = next(row for row in rows if all(row[k] == default[k] for k in POSTPROCESSING_KEYS))
     best = rows[0]
     overrides_text = format_overrides(best)
     output_dir = Path(parser.get_parsed_content("output_dir"))

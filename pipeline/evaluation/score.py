@@ -64,11 +64,9 @@ Example::
 
 from __future__ import annotations
 
-import io
 import math
 import multiprocessing
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,14 +74,13 @@ from typing import Any
 
 import cc3d
 import numpy as np
-import tifffile
 import torch
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
+from pipeline.inference.submission import MaskFiles
 from pipeline.utils.errors import SettingsError
-from transforms.io import case_id
 
 __all__ = [
     "COMPONENT_KEYS",
@@ -732,62 +729,34 @@ class CompetitionScoreHandler(IgniteMetricHandler):
 # ---------------------------------------------------------------------------------------------- files on disk
 
 
-def _read_tiff(source: Path | bytes, name: str) -> np.ndarray:
-    try:
-        array = tifffile.imread(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except Exception as e:  # tifffile raises many types; the user needs the file name
-        msg = f"{name}: cannot read TIFF ({type(e).__name__}: {e})"
-        raise ValueError(msg) from e
-    if array.ndim != 3:
-        msg = f"{name}: expected a 3D volume, got shape {array.shape}"
-        raise ValueError(msg)
-    return array
-
-
-def _index(entries: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
-    index: dict[str, Any] = {}
-    for name, ref in entries:
-        volume_id = case_id(name)
-        if volume_id in index:
-            msg = f"{where}: two files for volume id {volume_id!r}"
-            raise ValueError(msg)
-        index[volume_id] = ref
-    return index
-
-
 def prediction_pairs(pred: Path, labels: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(volume id, predicted mask, label)`` for every prediction in ``pred`` (a submission zip or a folder of
+    ``<id>.tif``, read by :class:`pipeline.inference.submission.MaskFiles`), its label from the folder ``labels``.
+
+    Raises:
+        ValueError: no predictions, a prediction without a label, two files for one id, an unreadable file or
+            shapes that differ; the message names the file.
+    """
     if not labels.is_dir():
         msg = f"{labels}: labels must be a folder of <id>.tif files"
         raise ValueError(msg)
-    label_files = _index(((p.name, p) for p in sorted(labels.glob("*.tif"))), str(labels))
-    if pred.is_dir():
-        pred_files = _index(((p.name, p) for p in sorted(pred.glob("**/*.tif"))), str(pred))
-        archive = None
-    elif zipfile.is_zipfile(pred):
-        archive = zipfile.ZipFile(pred)
-        names = sorted(n for n in archive.namelist() if n.endswith(".tif") and not n.endswith("/"))
-        pred_files = _index(((n, n) for n in names), str(pred))
-    else:
-        msg = f"{pred}: predictions must be a submission .zip or a folder of <id>.tif files"
-        raise ValueError(msg)
-    # the predicted ids are scored: a labels folder may hold more (all of train_labels for one validation fold)
-    if not pred_files:
-        msg = f"{pred}: no <id>.tif predictions found"
-        raise ValueError(msg)
-    for volume_id in sorted(pred_files):
-        if volume_id not in label_files:
-            msg = f"{labels}: no label for volume id {volume_id!r} (prediction {pred_files[volume_id]})"
+    with MaskFiles(labels, recursive=False) as label_masks, MaskFiles(pred) as pred_masks:
+        label_files, pred_files = label_masks.by_id(), pred_masks.by_id()
+        # the predicted ids are scored: a labels folder may hold more (all of train_labels for one validation fold)
+        if not pred_files:
+            msg = f"{pred}: no <id>.tif predictions found"
             raise ValueError(msg)
-    try:
         for volume_id in sorted(pred_files):
-            ref = pred_files[volume_id]
-            pred_name = f"{pred}:{ref}" if archive is not None else str(ref)
-            pred_array = _read_tiff(archive.read(ref) if archive is not None else ref, pred_name)
-            label_array = _read_tiff(label_files[volume_id], str(label_files[volume_id]))
+            if volume_id not in label_files:
+                msg = f"{labels}: no label for volume id {volume_id!r} (prediction {pred_files[volume_id]})"
+                raise ValueError(msg)
+        for volume_id in sorted(pred_files):
+            pred_array = pred_masks.read(pred_files[volume_id])
+            label_array = label_masks.read(label_files[volume_id])
             if pred_array.shape != label_array.shape:
-                msg = f"{pred_name}: shape {pred_array.shape} differs from label shape {label_array.shape}"
+                msg = (
+                    f"{pred_masks.where(pred_files[volume_id])}: shape {pred_array.shape} differs from label shape "
+                    f"{label_array.shape}"
+                )
                 raise ValueError(msg)
             yield volume_id, pred_array, label_array
-    finally:
-        if archive is not None:
-            archive.close()

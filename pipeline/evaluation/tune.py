@@ -33,28 +33,25 @@ from monai.bundle import ConfigParser
 from monai.utils import CommonKeys as Keys
 
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
-from pipeline.utils.paths import BUNDLE
+from pipeline.model.plans import POSTPROCESSING_KEYS
 from transforms.postprocess import build_postprocessing
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 __all__ = [
-    "SETTING_KEYS",
+    "EVALUATE_CONFIGS",
     "PostprocessingSweep",
     "SweepGrid",
     "format_overrides",
-    "load_config",
     "score_settings",
     "sweep",
 ]
 
-CONFIGS = BUNDLE / "configs"
-TRAIN_CONFIG = CONFIGS / "train.yaml"
-EVALUATE_CONFIG = CONFIGS / "evaluate.yaml"
+EVALUATE_CONFIGS = ("train.yaml", "evaluate.yaml")
+"""The configs of ``python -m monai.bundle run evaluating``, whose evaluator the sweep runs
+(``pipeline.utils.config.load_config(*EVALUATE_CONFIGS, overrides=...)``)."""
 
-SETTING_KEYS = ("threshold", "hysteresis_low", "hysteresis_high", "closing_radius", "plug_holes", "min_size")
-"""Bundle keys of the post-processing (``evaluate.yaml``/``inference.yaml``), i.e. of one swept setting."""
 
 Setting = dict[str, Any]
 
@@ -90,10 +87,10 @@ class SweepGrid:
         """All settings of the grid, ``default`` (a setting of the bundle's current values) first when given.
 
         Args:
-            default: a setting with the keys :data:`SETTING_KEYS`; put first and not repeated.
+            default: a setting with the keys :data:`pipeline.model.plans.POSTPROCESSING_KEYS`; put first and not repeated.
 
         Returns:
-            Settings as dicts with the keys :data:`SETTING_KEYS`.
+            Settings as dicts with the keys :data:`pipeline.model.plans.POSTPROCESSING_KEYS`.
 
         Raises:
             ValueError: when a dimension of the grid is empty, or ``default`` lacks a key.
@@ -104,11 +101,11 @@ class SweepGrid:
                 raise ValueError(msg)
         out: list[Setting] = []
         if default is not None:
-            missing = [k for k in SETTING_KEYS if k not in default]
+            missing = [k for k in POSTPROCESSING_KEYS if k not in default]
             if missing:
                 msg = f"default setting {dict(default)} lacks {missing}"
                 raise ValueError(msg)
-            out.append({k: default[k] for k in SETTING_KEYS})
+            out.append({k: default[k] for k in POSTPROCESSING_KEYS})
         for thr, high, radius, plug, size in itertools.product(
             self.threshold, self.hysteresis_high, self.closing_radius, self.plug_holes, self.min_size
         ):
@@ -209,21 +206,6 @@ class PostprocessingSweep:
         return sorted(rows, key=lambda row: -row["score"])
 
 
-def load_config(overrides: Mapping[str, Any] | None = None) -> ConfigParser:
-    """``train.yaml`` + ``evaluate.yaml`` with ``overrides``, as ``python -m monai.bundle run evaluating`` reads them.
-
-    Args:
-        overrides: bundle keys and values (``{"dataset_dir": ..., "tta": True}``).
-
-    Returns:
-        The (unparsed) config.
-    """
-    parser = ConfigParser()
-    parser.read_config([str(TRAIN_CONFIG), str(EVALUATE_CONFIG)])
-    parser.update(dict(overrides or {}))
-    return parser
-
-
 def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -> list[dict[str, Any]]:
     """Run the bundle's evaluator once over the validation split and score ``settings`` on every volume.
 
@@ -231,7 +213,7 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
     post-processing, metrics and other handlers are taken off, so ``pred`` holds probabilities.
 
     Args:
-        parser: config from :func:`load_config` (modified in place).
+        parser: ``train.yaml`` + ``evaluate.yaml`` (:data:`EVALUATE_CONFIGS`), modified in place.
         settings: the settings to score.
         workers: processes that score settings in parallel (1 = in this process).
 
@@ -265,4 +247,4 @@ def _literal(value: Any) -> str:
 
 def format_overrides(setting: Mapping[str, Any]) -> str:
     """The ``--key value`` arguments that select ``setting`` in ``inference.yaml`` / ``evaluate.yaml``."""
-    return " ".join(f"--{key} {_literal(setting[key])}" for key in SETTING_KEYS)
+    return " ".join(f"--{key} {_literal(setting[key])}" for key in POSTPROCESSING_KEYS)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from pipeline.utils.distributed import destroy_distributed, get_rank, get_world_size
 from transforms.io import case_id, read_volume_shape
 
-__all__ = ["balanced_shares", "inference_share", "run_inference", "merge_parts"]
+__all__ = ["balanced_shares", "check_part", "inference_share", "run_inference", "merge_parts"]
 
 
 def balanced_shares(sizes: Sequence[int], num_shares: int) -> list[list[int]]:
@@ -50,6 +50,24 @@ def balanced_shares(sizes: Sequence[int], num_shares: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def check_part(num_parts: int, part_id: int, error: type[Exception] = ValueError, options: bool = False) -> None:
+    """Refuse a ``part_id`` outside ``0 .. num_parts - 1`` (or fewer than one part).
+
+    Args:
+        num_parts: how many parts the work is split into.
+        part_id: this process's part.
+        error: the exception type to raise (a command's own).
+        options: name them as command-line options (``--part_id 2 ... (--num_parts 2)``), not as config keys.
+
+    Raises:
+        error: the part is outside the range, in one line.
+    """
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        part, parts = ("--part_id ", "--num_parts ") if options else ("part_id=", "num_parts=")
+        msg = f"{part}{part_id} outside 0..{num_parts - 1} ({parts}{num_parts})"
+        raise error(msg)
+
+
 def inference_share(datalist: Sequence[Mapping[str, str]], num_parts: int = 1, part_id: int = 0) -> list:
     """This process's test cases: part ``part_id`` of ``num_parts``, shared again over the torchrun ranks.
 
@@ -60,9 +78,7 @@ def inference_share(datalist: Sequence[Mapping[str, str]], num_parts: int = 1, p
         ValueError: ``part_id`` outside ``0 .. num_parts - 1``.
     """
     num_parts, part_id = int(num_parts), int(part_id)
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        msg = f"part_id={part_id} outside 0..{num_parts - 1} (num_parts={num_parts})"
-        raise ValueError(msg)
+    check_part(num_parts, part_id)
     world = get_world_size()
     sizes = [int(np.prod(read_volume_shape(c["image"]))) for c in datalist]
     shares = balanced_shares(sizes, num_parts * world)
@@ -113,16 +129,23 @@ def merge_parts(
     Raises:
         SubmissionError: a case missing from every folder, found in two, or a zip that fails the check.
     """
-    from pipeline.inference.submission import SubmissionError, write_submission_zip
+    from pipeline.inference.submission import (
+        MaskFiles,
+        SubmissionError,
+        write_submission_zip,
+    )
 
-    found: dict[str, Path] = {}
-    for d in map(Path, pred_dirs):
-        for f in sorted(d.glob("*.tif")):
-            if case_id(f) in expected:
-                if case_id(f) in found:
-                    msg = f"{f}: case {case_id(f)} also predicted in {found[case_id(f)]}; keep one"
-                    raise SubmissionError(msg)
-                found[case_id(f)] = f
+    found: dict[str, str] = {}
+    for d in pred_dirs:
+        if not Path(d).is_dir():  # a part that has not run: named below with the cases it owes
+            continue
+        with MaskFiles(d, recursive=False) as masks:
+            for case, f in masks.entries:
+                if case in expected:
+                    if case in found:
+                        msg = f"{f}: case {case} also predicted in {found[case]}; keep one"
+                        raise SubmissionError(msg)
+                    found[case] = f
     missing = sorted(set(expected) - set(found))
     if missing:
         msg = f"{', '.join(map(str, pred_dirs))}: no mask for test case(s) {missing}; run every part before merging"

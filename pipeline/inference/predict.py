@@ -47,8 +47,9 @@ import numpy as np
 import torch
 
 from pipeline.inference.blockwise import BlockwiseSlidingWindow
+from pipeline.inference.parts import check_part
 from pipeline.utils.files import atomic_write_bytes
-from pipeline.utils.paths import BUNDLE
+from pipeline.utils.timing import format_eta
 from transforms.io import TIFF_SUFFIXES
 
 __all__ = [
@@ -274,11 +275,6 @@ def _differences(now: Any, old: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: {old!r} there, {now!r} now"]
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 @dataclass
 class StreamingPredictor:
     """Predict volumes block by block into chunked zarr masks, resumably.
@@ -363,15 +359,10 @@ class StreamingPredictor:
             raise PredictError(msg)
         mean, std = volume_stats(source, self.chunk_size)
         manifest = {**key, "stats": {"mean": mean, "std": std}}
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
-        atomic_write_bytes(tmp, json.dumps(manifest, indent=1, sort_keys=True).encode())
         try:
-            os.link(tmp, path)  # fails if another part wrote it first: then that one is checked
-        except FileExistsError:
+            atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode(), exclusive=True)
+        except FileExistsError:  # another part wrote it first: then that one is checked
             return self._check_manifest(out, key)
-        finally:
-            tmp.unlink(missing_ok=True)
         return manifest
 
     def _check_manifest(self, out: Path, key: dict[str, Any]) -> dict[str, Any]:
@@ -413,9 +404,7 @@ class StreamingPredictor:
         Raises:
             PredictError: bad input, an output holding another run, a bad part, or a failed write (disk full).
         """
-        if not (num_parts >= 1 and 0 <= part_id < num_parts):
-            msg = f"--part_id {part_id} outside 0..{num_parts - 1} (--num_parts {num_parts})"
-            raise PredictError(msg)
+        check_part(num_parts, part_id, PredictError, options=True)
         out = Path(output)
         source = open_volume(input_path)
         try:
@@ -467,7 +456,7 @@ class StreamingPredictor:
             left = sum(int(np.prod([s.stop - s.start for s in b])) for _, b in todo[n:])
             logger.info(
                 "%s: block %s (%d/%d): %.3g voxels/s, ETA %s", out.name, index, n, len(todo), rate,
-                _format_eta(left / rate if rate > 0 else 0),
+                format_eta(left / rate if rate > 0 else 0),
             )
         return out
 
@@ -489,20 +478,15 @@ class StreamingPredictor:
 def build_from_config(overrides: dict[str, Any], model_path: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network (built from the model file's plans, weights loaded) and the settings of inference.yaml with
     ``overrides`` (the patch and post-processing from the plans unless given)."""
-    from monai.bundle import ConfigParser
-
     from pipeline.model.plans import build_from_plans, load_model_file
     from pipeline.utils.amp import resolve_amp
-    from pipeline.utils.errors import PipelineError
+    from pipeline.utils.config import load_config
+    from pipeline.utils.errors import PipelineError, SettingsError
 
-    config = BUNDLE / "configs" / "inference.yaml"
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    unknown = sorted(k for k in overrides if k.split("#", 1)[0] not in parser.get())
-    if unknown:
-        msg = f"unknown setting(s) {unknown}: not keys of {config}"
-        raise PredictError(msg)
-    parser.update(overrides)
+    try:
+        parser = load_config("inference.yaml", overrides=overrides)
+    except SettingsError as e:
+        raise PredictError(str(e)) from e
     if model_path:
         parser["model_path"] = model_path
     path = Path(parser.get_parsed_content("model_path"))

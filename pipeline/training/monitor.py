@@ -6,7 +6,6 @@ draws bars or writes to TensorBoard.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import sys
@@ -22,6 +21,7 @@ from ignite.engine import Engine, Events
 from tqdm import tqdm
 
 from pipeline.utils.errors import pass_on
+from pipeline.utils.timing import format_eta
 
 try:
     import resource
@@ -92,10 +92,6 @@ def _warn_if_silent(logger: logging.Logger) -> None:
             f"call ignite.utils.setup_logger({logger.name!r}, reset=True) or configure logging.",
             stacklevel=3,
         )
-
-
-def _format_eta(seconds: float | None) -> str:
-    return "?" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
 
 
 class ProgressHandler:
@@ -227,7 +223,7 @@ class ProgressHandler:
             fields["lr"] = f"{self.optimizer.param_groups[0]['lr']:.3e}"
         # a coarse clock (or an instant step) can tick zero: no rate rather than a crash of the run
         fields["samples/s"] = f"{samples / self.iter_time_s:.2f}" if self.iter_time_s > 0 else "n/a"
-        fields["ETA"] = _format_eta(self.eta_s)
+        fields["ETA"] = format_eta(self.eta_s)
         if self._bar is not None:
             self._bar.set_postfix(fields, refresh=False)
             self._bar.update(1)
@@ -255,7 +251,7 @@ class ProgressHandler:
         elapsed = time.perf_counter() - self._epoch_start
         self.logger.info(
             f"Epoch {engine.state.epoch}/{engine.state.max_epochs} done in {elapsed:.1f}s, "
-            f"mean loss {mean_loss}, ETA {_format_eta(self.eta_s)}"
+            f"mean loss {mean_loss}, ETA {format_eta(self.eta_s)}"
         )
 
     def _close_bar(self, engine: Engine) -> None:

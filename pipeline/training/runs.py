@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.utils.files import atomic_write_bytes
+from pipeline.utils.files import atomic_symlink, atomic_write_bytes
 
 __all__ = ["RUN_RECORD", "LATEST_LINK", "latest_run", "new_run_name", "run_dir"]
 
@@ -37,10 +37,7 @@ def _point_latest(output_dir: Path, name: str) -> None:
     link = output_dir / LATEST_LINK
     if link.is_symlink() and os.readlink(link) == f"runs/{name}":
         return
-    tmp = output_dir / f".{LATEST_LINK}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(f"runs/{name}", tmp)  # relative: the output folder can be moved
-    os.replace(tmp, link)
+    atomic_symlink(f"runs/{name}", link)  # relative: the output folder can be moved
 
 
 def run_dir(output_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, auto_resume: bool = True) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.utils.errors import DiskError
 
-__all__ = ["MIN_FREE_MARGIN", "atomic_save", "atomic_write", "atomic_write_bytes"]
+__all__ = ["MIN_FREE_MARGIN", "atomic_save", "atomic_symlink", "atomic_write", "atomic_write_bytes"]
 
 MIN_FREE_MARGIN = 1 << 20  # bytes left free beyond a write's expected size: the filesystem needs some for metadata
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -52,10 +52,15 @@ def _os_errno(exc: BaseException) -> int | None:
     return None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], size_hint: int | None = None) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], Any], size_hint: int | None = None, exclusive: bool = False
+) -> Path:
     """Write a file so that a reader never sees it half-written: ``write(f)`` fills a temporary file in the same
     folder, which is flushed, fsynced and renamed over ``path`` (atomic on one filesystem); the folder is fsynced
     so the rename survives a crash. On any error the temporary file is removed and ``path`` is left as it was.
+
+    With ``exclusive`` the finished file is hard-linked to ``path`` instead of renamed over it, which fails when
+    ``path`` exists: of several processes writing the same file, the first one wins and the others learn it.
 
     A full disk or a folder that cannot be written raises :class:`DiskError` naming ``path`` (with the bytes needed
     and free): before writing when ``size_hint`` says the file cannot fit, or when the write itself fails so.
@@ -64,12 +69,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], siz
         path: destination; its folder is created if missing.
         write: called with the open binary temporary file.
         size_hint: the expected size in bytes, when known (checked against the free space first).
+        exclusive: refuse to replace an existing ``path``.
 
     Returns:
         ``path``.
 
     Raises:
         DiskError: no space left, or no permission to write there.
+        FileExistsError: ``exclusive`` and ``path`` exists already.
 
     Example::
 
@@ -88,7 +95,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], siz
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         written = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
         # torch.save reports a full disk as "unexpected pos", with no OSError: a disk left without room tells
@@ -102,18 +113,45 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], siz
             msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
             raise DiskError(code, msg) from e
         raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
     if hasattr(os, "O_DIRECTORY"):  # POSIX: a directory can be opened and fsynced
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> Path:
     """``atomic_write`` of a bytes payload (text: ``text.encode()``)."""
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), exclusive=exclusive)
+
+
+def atomic_symlink(target: str, link: str | os.PathLike) -> Path:
+    """Point the symbolic link ``link`` at ``target``, replacing what is there in one step: a reader sees the old
+    link or the new one, never none.
+
+    Args:
+        target: what the link points to (a relative target is relative to the link's folder).
+        link: the link to create or replace.
+
+    Returns:
+        ``link``.
+    """
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_folder(link.parent)
+    return link
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -52,9 +52,7 @@ def config_values(bundle_root: str | os.PathLike, config: str, keys: Sequence[st
 
         overlap: "$pipeline.utils.paths.config_values(@bundle_root, 'inference.yaml', ['overlap'])['overlap']"
     """
-    from monai.bundle import ConfigParser
+    from pipeline.utils.config import load_config
 
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_root) / "configs" / config))
-    parser["bundle_root"] = str(bundle_root)
+    parser = load_config(Path(bundle_root).absolute() / "configs" / config, overrides={"bundle_root": str(bundle_root)})
     return {key: parser.get_parsed_content(key) for key in keys}

@@ -16,7 +16,13 @@ from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 from monai.handlers import CheckpointLoader
 
 from pipeline.model.networks import build_network
-from pipeline.model.plans import load_model_file, make_plans, pack_model, read_plans, save_postprocessing
+from pipeline.model.plans import (
+    load_model_file,
+    make_plans,
+    pack_model,
+    read_plans,
+    save_postprocessing,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"

@@ -8,7 +8,13 @@ import pytest
 import tifffile
 
 from pipeline.data import datalist as data
-from pipeline.data.datalist import DatasetError, check_test_datalist, prepare_datalists, split_datalist, train_datalist
+from pipeline.data.datalist import (
+    DatasetError,
+    check_test_datalist,
+    prepare_datalists,
+    split_datalist,
+    train_datalist,
+)
 from transforms.io import read_volume
 
 
@@ -184,8 +190,8 @@ def test_load_image_never_falls_back_to_another_reader(dataset):
 
 
 def test_impossible_settings_are_refused(tiny_dataset):
-    from pipeline.utils.errors import SettingsError
     from pipeline.data.checks import check_training_settings
+    from pipeline.utils.errors import SettingsError
 
     cases = train_datalist(tiny_dataset)
     check_training_settings([32, 32, 32], [2, 2], cases)

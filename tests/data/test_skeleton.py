@@ -17,8 +17,8 @@ from monai.utils import set_determinism
 from skimage.morphology import dilation, skeletonize
 
 from pipeline.data.datalist import prepare_datalists
-from pipeline.training.losses import MaskedDiceBCELoss
 from pipeline.data.store import StoreDataset, build_store, tubed_skeleton
+from pipeline.training.losses import MaskedDiceBCELoss
 from tests.conftest import CONFIGS, TINY_TRAIN
 from transforms.crop import RandCropByStoredCentresd
 

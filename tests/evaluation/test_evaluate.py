@@ -16,8 +16,8 @@ from monai.bundle import ConfigParser
 
 from pipeline.data.datalist import prepare_datalists
 from pipeline.evaluation.report import write_metrics
-from pipeline.model.plans import load_model_file
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
+from pipeline.model.plans import load_model_file
 from tests.conftest import TINY_NETWORK, cli_args
 from transforms.io import read_volume
 

@@ -15,11 +15,12 @@ import torch
 import yaml
 
 from pipeline.cli.main import parse_overrides
-from pipeline.data.datalist import prepare_datalists
-from pipeline.model.plans import load_model_file
-from pipeline.evaluation.score import COMPONENT_KEYS
 from pipeline.cli.tune import main
-from pipeline.evaluation.tune import SETTING_KEYS, SweepGrid, format_overrides
+from pipeline.data.datalist import prepare_datalists
+from pipeline.evaluation.score import COMPONENT_KEYS
+from pipeline.evaluation.tune import SweepGrid, format_overrides
+from pipeline.model.plans import POSTPROCESSING_KEYS as SETTING_KEYS
+from pipeline.model.plans import load_model_file
 from tests.conftest import TINY_NETWORK, cli_args
 
 REPO = Path(__file__).resolve().parents[2]
