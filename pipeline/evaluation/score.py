@@ -1,4 +1,5 @@
-"""The Vesuvius Challenge surface-detection score, re-implemented for speed, with a MONAI metric and a CLI.
+"""The Vesuvius Challenge surface-detection score, re-implemented for speed, with a MONAI metric (its command line:
+``python -m pipeline score``, :mod:`pipeline.cli.score`).
 
 Per volume, voxels whose label is ``ignore_label`` (2) are set to background in both prediction and label, then
 foreground is "non-zero" and::

@@ -1,4 +1,5 @@
-"""``python -m pipeline tune``: choose the threshold and post-processing that maximise the competition score.
+"""Choose the threshold and post-processing that maximise the competition score (its command line:
+``python -m pipeline tune``, :mod:`pipeline.cli.tune`).
 
 The model runs once per validation volume, with the network, data, split, weights and sliding-window settings of
 ``train.yaml`` + ``evaluate.yaml`` (the evaluator of ``python -m monai.bundle run evaluating``, its

@@ -1,4 +1,5 @@
-"""``python -m pipeline predict``: stream volumes larger than memory through the model, block by block, resumably.
+"""Streaming prediction: volumes larger than memory through the model, block by block, resumably (its command
+line: :mod:`pipeline.cli.predict`).
 
     python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
         [--block_size 256] [--chunk_size 128] [--probabilities none|uint8|float16] [--<inference.yaml key> VALUE ...]

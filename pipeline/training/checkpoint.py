@@ -40,12 +40,9 @@ ranks with the timed decision (one small collective per iteration), so a signal 
 the same iteration. At the last iteration of an epoch the checkpoint waits for the epoch's handlers (validation):
 a file written before them would resume past the epoch's validation.
 
-One run per folder. At start, rank 0 takes an exclusive ``fcntl.flock`` on ``ckpt_dir/.training.lock`` (which
-names the host, PID and start time of the holder) before anything is written there; a second run on the folder
-stops at once with one line naming the holder. The OS drops the lock when the process dies, so a killed run never
-blocks the next. On a filesystem shared by several machines the lock holds across them only where the filesystem
-implements ``flock`` across clients (NFSv4 and Linux NFS clients do; Lustre needs the ``flock`` mount option;
-some FUSE filesystems lock per machine only).
+One run per folder: rank 0 holds ``ckpt_dir``'s lock (:mod:`pipeline.training.lock`) for the whole run; random
+states are captured and restored by :mod:`pipeline.training.rng`, the preemption signals are
+:mod:`pipeline.utils.signals`.
 """
 
 from __future__ import annotations
