@@ -415,8 +415,8 @@ def build_store(
 
     Returns:
         the same lists whose items have ``image``/``label``/``centres`` pointing to the store's ``.npy`` files,
-        ``image_stats`` ``[mean, std]``, ``centres_per_class``, ``shape``, ``image_dtype`` and ``source_image``; the items of the
-        lists in ``skeletons`` also have ``skeleton``.
+        ``image_stats`` ``[mean, std]``, ``centres_per_class``, ``shape``, ``image_dtype`` and ``source_image``;
+        the items of the lists in ``skeletons`` also have ``skeleton``.
 
     Raises:
         StoreError: ``cache_dir`` not writable, not enough disk, a source changed while building.
