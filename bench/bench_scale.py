@@ -114,7 +114,9 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tu
             parser.read_config(str(config))
             parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap"})
             parser["datalists"] = two
-            parser["store"] = build_store(two, store_dir)
+            # the store the config's crop reads: with skeletons when its skeleton recall loss is on (train.yaml's default)
+            skeleton = "skeleton_recall_weight" in parser and parser.get_parsed_content("skeleton_recall_weight")
+            parser["store"] = build_store(two, store_dir, skeletons=["train"] if skeleton else [])
             parser.get_parsed_content("imports")
             ds = parser.get_parsed_content("train#dataset")
             ds[0], ds[1]  # warm: page cache, first-call set-up

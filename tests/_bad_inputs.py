@@ -31,6 +31,13 @@ def _first(ds: Path, folder: str) -> Path:
     return sorted((ds / folder).iterdir())[0]
 
 
+def _first_training(ds: Path) -> Path:
+    """The first image of the training split the bundle makes (not the validation side): what its patch check reads."""
+    from pipeline.data.datalist import prepare_datalists
+
+    return Path(prepare_datalists(ds, check=False)["train"][0]["image"])
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -83,7 +90,7 @@ CASES: dict[str, Callable[[Path], None] | None] = {
     "label shape differs": lambda ds: tifffile.imwrite(
         _first(ds, "train_labels"), read_volume(_first(ds, "train_labels"))[:-1]
     ),
-    "2D training image": lambda ds: tifffile.imwrite(_first(ds, "train_images"), np.zeros((32, 32), np.uint8)),
+    "2D training image": lambda ds: tifffile.imwrite(_first_training(ds), np.zeros((32, 32), np.uint8)),
     "label value 7": _label_value_7,
     "empty test folder": _empty_test,
     "unreadable training image": lambda ds: _first(ds, "train_images").write_bytes(b"\x00garbage" * 10),
@@ -100,6 +107,9 @@ CASES: dict[str, Callable[[Path], None] | None] = {
         _first(ds, "train_images"), read_volume(_first(ds, "train_images")).astype(np.float64)
     ),
     "one training case": _one_case,
+    "float32 image": lambda ds: tifffile.imwrite(
+        _first(ds, "train_images"), read_volume(_first(ds, "train_images")).astype(np.float32)
+    ),
 }
 
 

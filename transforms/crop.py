@@ -1,9 +1,9 @@
-"""Foreground-weighted random crops cut straight from stored (memory-mapped) uint8 volumes.
+"""Foreground-weighted random crops cut straight from stored (memory-mapped) uint8 or uint16 volumes.
 
 ``RandCropByLabelClassesd`` needs the whole volume as a tensor and, behind ``CacheDataset``, a deep copy of it at
 every visit (183 ms of a 220 ms visit at 320^3). These transforms take the crop centres sampled once when the
 volume store was built (``pipeline.data.store``) and slice only the patch out of the ``np.memmap`` (or in-RAM array):
-the read is the patch, the copy is the patch, the volume stays uint8 until then. Sampling follows MONAI's
+the read is the patch, the copy is the patch, the volume keeps its stored dtype until then. Sampling follows MONAI's
 ``RandCropByLabelClasses``: a class by ``ratios`` (classes without voxels are skipped), a random centre of that
 class, the window clamped into the volume; a volume smaller than the patch is padded symmetrically (image with
 0, label with ``label_pad`` = 2, unlabeled, so the padding never counts in the loss).
@@ -152,7 +152,7 @@ class StoredVolumed(MapTransform):
 
     Example::
 
-        StoredVolumed(["image", "label"])(store_item)["image"]  # uint8 tensor (1, Z, Y, X)
+        StoredVolumed(["image", "label"])(store_item)["image"]  # uint8 (or uint16) tensor (1, Z, Y, X)
     """
 
     def __init__(self, keys: KeysCollection, centres_key: str = "centres", allow_missing_keys: bool = False) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "case_id",
     "decode_volume",
     "read_volume",
+    "read_volume_header",
     "read_volume_shape",
     "write_volume",
 ]
@@ -177,6 +178,15 @@ def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
     Raises:
         VolumeError: the file is missing or unreadable.
     """
+    return read_volume_header(path)[0]
+
+
+def read_volume_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and stored dtype of a volume from its header only (no pixel decoding).
+
+    Raises:
+        VolumeError: the file is missing or unreadable.
+    """
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: file not found"
@@ -185,14 +195,15 @@ def read_volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            return tuple(int(s) for s in nib.load(path).shape)
+            img = nib.load(path)
+            return tuple(int(s) for s in img.shape), np.dtype(img.get_data_dtype())
         with _OpenTiff(path) as tif:
             series = tif.series[0]
-            if len(series.shape) >= 3:
-                return tuple(int(s) for s in series.shape)
-            if len(tif.pages) == 1:
-                return tuple(int(s) for s in series.shape)
-            return (len(tif.pages), *(int(s) for s in tif.pages[0].shape))
+            if len(series.shape) >= 3 or len(tif.pages) == 1:
+                shape = tuple(int(s) for s in series.shape)
+            else:
+                shape = (len(tif.pages), *(int(s) for s in tif.pages[0].shape))
+            return shape, np.dtype(series.dtype)
     except VolumeError:
         raise
     except Exception as e:

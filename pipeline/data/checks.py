@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from pipeline.data.datalist import check_volume_shape
 from pipeline.utils.errors import SettingsError
 from transforms.io import read_volume_shape
 
@@ -50,11 +51,14 @@ def check_training_settings(
 
     Raises:
         SettingsError: the first problem, with the value to use instead.
+        DatasetError: a training image that is not a 3D volume (or too small), naming the file.
     """
     check_patch_size(patch_size, network_strides)
     if not cases:
         return
     shapes = [read_volume_shape(c["image"]) for c in cases]
+    for case, shape in zip(cases, shapes, strict=True):  # before any volume is decoded: a 2D image is named here
+        check_volume_shape(case["image"], shape)
     largest = [max(s[axis] for s in shapes) for axis in range(3)]
     too_big = [axis for axis in range(3) if int(patch_size[axis]) > largest[axis]]
     if too_big:

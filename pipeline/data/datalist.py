@@ -23,6 +23,7 @@ from transforms.io import VolumeError, case_id, read_volume, read_volume_shape
 
 __all__ = [
     "check_volume_pair",
+    "check_volume_shape",
     "DatasetError",
     "MIN_VOLUME_SIZE",
     "VOLUME_SUFFIXES",
@@ -177,9 +178,14 @@ def split_datalist(
     return train, val
 
 
-def _check_shape(path: str, shape: tuple[int, ...]) -> None:
+def check_volume_shape(path: str, shape: tuple[int, ...]) -> None:
+    """Refuse a shape that is not a 3D volume of at least ``MIN_VOLUME_SIZE`` voxels along every axis.
+
+    Raises:
+        DatasetError: naming ``path`` and the shape.
+    """
     if len(shape) != 3:
-        msg = f"{path}: expected a 3D volume, got shape {shape}"
+        msg = f"{path}: expected a 3D volume (Z, Y, X), got an array of shape {shape}"  # transforms.io's words
         raise DatasetError(msg)
     if min(shape) < MIN_VOLUME_SIZE:
         msg = f"{path}: volume of shape {shape} is too small: at least {MIN_VOLUME_SIZE} voxels along every axis needed"
@@ -198,7 +204,7 @@ def check_volume_pair(case: dict, img_shape: tuple[int, ...], label: np.ndarray)
     Raises:
         DatasetError: the first problem found, naming the file.
     """
-    _check_shape(case["image"], img_shape)
+    check_volume_shape(case["image"], img_shape)
     if label.shape != img_shape:
         msg = f"{case['label']}: label shape {label.shape} differs from image shape {img_shape} ({case['image']})"
         raise DatasetError(msg)
@@ -241,7 +247,7 @@ def check_test_datalist(cases: list[dict], workers: int = 4) -> None:
 
     def _check(case: dict) -> None:
         shape = read_volume_shape(case["image"])
-        _check_shape(case["image"], shape)
+        check_volume_shape(case["image"], shape)
         decoded = read_volume(case["image"]).shape
         if decoded != shape:
             msg = f"{case['image']}: header says shape {shape} but {decoded} decodes (truncated file?)"

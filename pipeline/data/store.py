@@ -1,14 +1,20 @@
-"""A preprocessed volume store: every training volume decoded once into uncompressed uint8 ``.npy`` files that
-every run, resume, DDP rank and loader worker memory-maps (nnU-Net's preprocessed data, in MONAI's idiom).
+"""A preprocessed volume store: every training volume decoded once into uncompressed ``.npy`` files that every
+run, resume, DDP rank and loader worker memory-maps (nnU-Net's preprocessed data, in MONAI's idiom).
 
 Decoding an LZW TIFF of 320^3 takes seconds; ``CacheDataset`` repeats it at every start and holds the decoded set
 in each process's memory. The store does it once per machine and keeps, per case, in ``cache_dir``::
 
-    <id>-<key>.image.npy    uint8 (Z, Y, X)
+    <id>-<key>.image.npy    uint8 or uint16 (Z, Y, X): the source's dtype (1 or 2 bytes per voxel)
     <id>-<key>.label.npy    uint8 (Z, Y, X), 0 background, 1 surface, 2 unlabeled
     <id>-<key>.centres.npy  int32 flat voxel indices: a bounded random sample of each class's voxels (crop centres)
     <id>-<key>.skeleton.npy uint8 (Z, Y, X) tubed skeleton of the surface (only for the lists named in ``skeletons``)
-    <id>-<key>.json         shape, intensity mean/std, centres per class, the sources it was built from
+    <id>-<key>.json         shape, image dtype, intensity mean/std, centres per class, the sources it was built from
+
+Images keep their dtype: a uint8 image stays uint8, a uint16 one (full-resolution scroll CT) stays uint16, since
+the network input is z-scored with the whole volume's statistics (``transforms.intensity.NormalizeWithStatsd``),
+which a conversion to uint8 would coarsen. Another integer dtype (a NIfTI int16, say) is stored as the smaller of
+uint8/uint16 that holds its values; float images and values outside 0..65535 are refused, naming the file. Labels
+are always uint8 (values 0, 1, 2; a uint16 label file holding them is cast).
 
 ``key`` hashes the image's and the label's absolute path, size and mtime with :data:`PREPROCESS_VERSION`, so a
 changed source (or a new preprocessing) gets a new entry and an unchanged one is never rebuilt. Every file is
@@ -65,6 +71,7 @@ __all__ = [
     "tubed_skeleton",
     "build_store",
     "choose_mode",
+    "stored_bytes",
     "StoreDataset",
 ]
 
@@ -75,6 +82,7 @@ PREPROCESS_VERSION = 1
 STORE_MODES = ("auto", "ram", "mmap")
 LABEL_CLASSES = (0, 1)  # crop-centre classes; 2 (unlabeled) is never a centre
 _ARRAYS = ("image", "label", "centres")
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))  # what the store keeps an image as
 SKELETON = "skeleton"
 SKELETON_TUBE = 2  # dilations of the skeleton, as the paper's "tubed skeleton" (nnU-Net: dilation(dilation(skel)))
 _RAM_SHARE = 0.5  # in RAM only when the set takes at most this share of the memory available
@@ -148,12 +156,13 @@ class _Entry:
         try:
             meta = json.loads(self.meta_path.read_text())
             shape = tuple(meta["shape"])
+            image_dtype = np.dtype(meta.get("image_dtype", "uint8"))  # entries written before uint16 were all uint8
             n_centres = int(sum(meta["centres_per_class"]))
             if meta["sources"] != self.sources:
                 return f"{self.meta_path}: built from other sources"
         except Exception as e:
             return f"{self.meta_path}: unreadable ({type(e).__name__}: {e})"
-        for name, want_shape, dtype in (("image", shape, np.uint8), ("label", shape, np.uint8), ("centres", (n_centres,), np.int32)):
+        for name, want_shape, dtype in (("image", shape, image_dtype), ("label", shape, np.uint8), ("centres", (n_centres,), np.int32)):
             why = _npy_ok(self.path(name), want_shape, np.dtype(dtype))
             if why is not None:
                 return f"{self.path(name)}: {why}"
@@ -184,6 +193,7 @@ class _Entry:
             "centres": str(self.path("centres")),
             "centres_per_class": list(meta["centres_per_class"]),
             "shape": list(meta["shape"]),
+            "image_dtype": meta.get("image_dtype", "uint8"),
             "image_stats": list(meta["image_stats"]),
         }
 
@@ -200,12 +210,28 @@ def _centres(label: np.ndarray, max_per_class: int, rng: np.random.Generator) ->
     return np.concatenate(out), counts
 
 
-def _as_uint8(path: str, arr: np.ndarray) -> np.ndarray:
+def _as_label(path: str, arr: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     if arr.dtype.kind in "ui" and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255)):
         return np.ascontiguousarray(arr, dtype=np.uint8)
-    msg = f"{path}: {arr.dtype} values outside uint8 [{arr.min()}, {arr.max()}]; the store holds uint8 volumes"
+    msg = f"{path}: {arr.dtype} values outside uint8 [{arr.min()}, {arr.max()}]; the store holds uint8 labels (0, 1, 2)"
+    raise DatasetError(msg)
+
+
+def _as_image(path: str, arr: np.ndarray) -> np.ndarray:
+    """The image as the store keeps it: uint8 and uint16 unchanged, other integers as the smaller of the two that
+    holds their values."""
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:  # native byte order: the .npy check compares dtypes
+        return np.ascontiguousarray(arr, dtype=IMAGE_DTYPES[arr.dtype.itemsize - 1])
+    if arr.dtype.kind not in "ui":
+        msg = f"{path}: {arr.dtype} image; the store holds uint8 or uint16 images (integer CT), convert it to one of those"
+        raise DatasetError(msg)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    for dtype in IMAGE_DTYPES:
+        if lo >= 0 and hi <= np.iinfo(dtype).max:
+            return np.ascontiguousarray(arr, dtype=dtype)
+    msg = f"{path}: {arr.dtype} values outside uint16 [{lo}, {hi}]; the store holds uint8 or uint16 images"
     raise DatasetError(msg)
 
 
@@ -277,7 +303,7 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
                 raise DatasetError(str(e)) from e
             if check:  # the same checks and messages as pipeline.data.datalist's up-front check, on the decoded arrays
                 check_volume_pair(case, image.shape, label)
-            image, label = _as_uint8(case["image"], image), _as_uint8(case["label"], label)
+            image, label = _as_image(case["image"], image), _as_label(case["label"], label)
             for side in ("image", "label"):
                 if _stat_key(case[side]) != entry.sources[side]:
                     msg = f"{case[side]}: changed while the volume store was being built; rerun once it is complete"
@@ -293,6 +319,7 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
                 _write_skeleton(entry, label)
             meta = {
                 "shape": list(image.shape),
+                "image_dtype": image.dtype.name,
                 "image_stats": [float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))],
                 "centres_per_class": counts,
                 "sources": entry.sources,
@@ -332,15 +359,17 @@ def _check_writable(cache_dir: Path) -> None:
 
 
 def _check_space(cache_dir: Path, todo: list[tuple[_Entry, str | None, str | None]]) -> None:
-    from transforms.io import read_volume_shape
+    from transforms.io import read_volume_header
 
     need = 0
     for e, problem, skeleton_problem in todo:
-        arrays = (2 if problem is not None else 0) + (skeleton_problem is not None)  # uint8 volumes to write
         try:
-            need += arrays * int(np.prod(read_volume_shape(e.case["image"])))
+            shape, dtype = read_volume_header(e.case["image"])
         except VolumeError as err:
             raise DatasetError(str(err)) from err
+        # bytes per voxel: image (1 or 2: a wider integer image is stored as at most uint16) and uint8 label, skeleton
+        per_voxel = (min(dtype.itemsize, 2) + 1 if problem is not None else 0) + (skeleton_problem is not None)
+        need += per_voxel * int(np.prod(shape))
     free = shutil.disk_usage(cache_dir).free
     if need > free:
         msg = (
@@ -386,12 +415,13 @@ def build_store(
 
     Returns:
         the same lists whose items have ``image``/``label``/``centres`` pointing to the store's ``.npy`` files,
-        ``image_stats`` ``[mean, std]``, ``centres_per_class``, ``shape`` and ``source_image``; the items of the
-        lists in ``skeletons`` also have ``skeleton``.
+        ``image_stats`` ``[mean, std]``, ``centres_per_class``, ``shape``, ``image_dtype`` and ``source_image``;
+        the items of the lists in ``skeletons`` also have ``skeleton``.
 
     Raises:
         StoreError: ``cache_dir`` not writable, not enough disk, a source changed while building.
-        DatasetError: a source volume is unreadable, or its label does not match its image.
+        DatasetError: a source volume is unreadable, a float image or one with values outside 0..65535, or a label
+            that does not match its image.
     """
     cache_dir = Path(cache_dir)
     _check_writable(cache_dir)
@@ -451,6 +481,12 @@ def build_store(
     return items
 
 
+def stored_bytes(item: dict) -> int:
+    """Bytes of a store item's volumes: the image (uint8 or uint16), the uint8 label and skeleton (if any)."""
+    image_bytes = np.dtype(item.get("image_dtype", "uint8")).itemsize
+    return (image_bytes + 1 + (SKELETON in item)) * int(np.prod(item["shape"]))
+
+
 def choose_mode(items: Sequence[dict], mode: str = "auto", copies: int | None = None) -> str:
     """``"ram"`` or ``"mmap"`` for ``items``, logged with the reason.
 
@@ -464,14 +500,15 @@ def choose_mode(items: Sequence[dict], mode: str = "auto", copies: int | None = 
     if mode not in STORE_MODES:
         msg = f"store_mode {mode!r} unknown; use one of {STORE_MODES}"
         raise ValueError(msg)
-    size = sum((2 + (SKELETON in it)) * int(np.prod(it["shape"])) for it in items)
+    size = sum(stored_bytes(it) for it in items)
+    kinds = "/".join(sorted({it.get("image_dtype", "uint8") for it in items}, key=lambda d: np.dtype(d).itemsize)) or "uint8"
     copies = copies or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     avail = available_memory()
     if mode == "auto":
         mode = "ram" if size * copies <= _RAM_SHARE * avail else "mmap"
-        why = f"{copies} x {size / 2**30:.2f} GiB of uint8 volumes {'<=' if mode == 'ram' else '>'} {_RAM_SHARE:.0%} of {avail / 2**30:.2f} GiB available"
+        why = f"{copies} x {size / 2**30:.2f} GiB of {kinds} volumes {'<=' if mode == 'ram' else '>'} {_RAM_SHARE:.0%} of {avail / 2**30:.2f} GiB available"
     else:
-        why = f"store_mode={mode}; {copies} x {size / 2**30:.2f} GiB of volumes, {avail / 2**30:.2f} GiB available"
+        why = f"store_mode={mode}; {copies} x {size / 2**30:.2f} GiB of {kinds} volumes, {avail / 2**30:.2f} GiB available"
     logger.info("volume store: %s (%s)", "in RAM" if mode == "ram" else "memory-mapped", why)
     return mode
 
@@ -481,10 +518,11 @@ class StoreDataset(Dataset):
     construction or memory-mapped (``np.load(mmap_mode="r")``, opened lazily in each process, so forked and
     spawned loader workers share the OS page cache instead of copying the volumes).
 
-    Each item given to ``transform`` holds the item's keys with ``image`` and ``label`` as uint8 (Z, Y, X) arrays,
-    ``centres`` as a list of int32 flat-index arrays (one per class of :data:`LABEL_CLASSES`), ``skeleton`` as a
-    uint8 (Z, Y, X) array when the item has one, and ``image_stats`` as a float32 tensor; the transform cuts what
-    it needs (``transforms.store.RandCropByStoredCentresd``) without copying the volume.
+    Each item given to ``transform`` holds the item's keys with ``image`` (uint8 or uint16, as stored) and ``label``
+    (uint8) as (Z, Y, X) arrays, ``centres`` as a list of int32 flat-index arrays (one per class of
+    :data:`LABEL_CLASSES`), ``skeleton`` as a uint8 (Z, Y, X) array when the item has one, and ``image_stats`` as a
+    float32 tensor; the transform cuts what it needs (``transforms.crop.RandCropByStoredCentresd``) without copying
+    the volume.
 
     Args:
         data: store items.
@@ -528,6 +566,6 @@ class StoreDataset(Dataset):
         if arrays is None:
             arrays = self._arrays[index] = self._open(index, mmap_mode="r")
         item = {**self.data[index], **arrays, "image_stats": torch.tensor(self.data[index]["image_stats"], dtype=torch.float32)}
-        for k in ("centres_per_class", "shape"):
+        for k in ("centres_per_class", "shape", "image_dtype"):
             item.pop(k)
         return apply_transform(self.transform, item) if self.transform is not None else item

@@ -15,7 +15,7 @@ from pipeline.data.datalist import (
     split_datalist,
     train_datalist,
 )
-from transforms.io import read_volume
+from transforms.io import read_volume, read_volume_shape
 
 
 @pytest.fixture
@@ -199,3 +199,14 @@ def test_impossible_settings_are_refused(tiny_dataset):
         check_training_settings([60, 60, 60], [2, 2, 2], cases)
     with pytest.raises(SettingsError, match=r"larger than every training volume along axis \[0\]"):
         check_training_settings([64, 32, 32], [2, 2], cases)
+
+
+def test_training_settings_check_names_a_2d_image(dataset):
+    """The patch check reads header shapes before any volume is decoded: a 2D image is named, not an IndexError."""
+    from pipeline.data.checks import check_training_settings
+    from tests._bad_inputs import CASES
+
+    CASES["2D training image"](dataset)
+    (img,) = [c["image"] for c in train_datalist(dataset) if read_volume_shape(c["image"]) == (32, 32)]
+    with pytest.raises(DatasetError, match=rf"^{img}: expected a 3D volume \(Z, Y, X\), got an array of shape \(32, 32\)$"):
+        check_training_settings([32, 32, 32], [2, 2], train_datalist(dataset))

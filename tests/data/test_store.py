@@ -21,7 +21,7 @@ from monai.transforms import RandFlipd, RandRotate90d
 
 from pipeline.data import store as store_mod
 from pipeline.data.augment import DeviceAugment
-from pipeline.data.datalist import prepare_datalists, validation_subset
+from pipeline.data.datalist import DatasetError, prepare_datalists, validation_subset
 from pipeline.data.store import StoreDataset, StoreError, build_store, choose_mode
 from tests.conftest import CONFIGS, TINY_TRAIN
 from transforms.crop import RandCropByStoredCentresd, crop_window, cut_patch
@@ -273,3 +273,80 @@ def test_ranks_of_a_machine_split_the_build(dataset: Path, tmp_path: Path, monke
     with caplog.at_level(logging.INFO):
         build_store(lists, cache)
     assert "(3 built by this process)" in caplog.text
+
+
+def _as_uint16(path: Path) -> np.ndarray:
+    """Rewrite a uint8 volume as uint16 (x 100 + 1000, as scroll CT spans the 16-bit range); the new array."""
+    import tifffile
+
+    arr = read_volume(path).astype(np.uint16) * 100 + 1000
+    tifffile.imwrite(path, arr, compression="lzw", photometric="minisblack")
+    return arr
+
+
+def test_uint16_image_is_kept_and_normalises_as_its_uint8_source(tiny_dataset: Path, dataset: Path, tmp_path: Path, caplog) -> None:
+    """z-scoring is invariant to x * 100 + 1000: the patches the network sees equal the uint8 source's."""
+    import tifffile
+
+    from transforms.crop import StoredVolumed
+    from transforms.intensity import NormalizeWithStatsd
+
+    lists = prepare_datalists(dataset, check=False)
+    case = lists["train"][0]
+    wide = _as_uint16(Path(case["image"]))
+    tifffile.imwrite(case["label"], read_volume(case["label"]).astype(np.uint16))  # a uint16 label of 0/1/2 is cast
+    store = build_store(prepare_datalists(dataset, check=True), tmp_path / "store")
+    plain = build_store(prepare_datalists(tiny_dataset, check=False), tmp_path / "plain")
+    item, ref = store["train"][0], plain["train"][0]
+    assert item["id"] == ref["id"] == case["id"] and item["image_dtype"] == "uint16" and ref["image_dtype"] == "uint8"
+    image, label = np.load(item["image"]), np.load(item["label"])
+    assert image.dtype == np.uint16 and np.array_equal(image, wide)  # 2 bytes per voxel, values untouched
+    assert label.dtype == np.uint8 and np.array_equal(label, np.load(ref["label"]))
+    assert Path(item["image"]).stat().st_size == pytest.approx(2 * wide.size, abs=256)
+    assert item["image_stats"] == pytest.approx([wide.mean(dtype=np.float64), wide.std(dtype=np.float64)], rel=1e-9)
+    assert all(it["image_dtype"] == "uint8" for it in store["train"][1:] + store["val"])
+
+    before = _store_files(tmp_path / "store")
+    again = build_store(prepare_datalists(dataset, check=False), tmp_path / "store")
+    assert again == store and _store_files(tmp_path / "store") == before  # a valid uint16 entry is never rebuilt
+
+    norm = NormalizeWithStatsd("image")
+    patches = []
+    for items in (store, plain):
+        ds = StoreDataset(items["train"][:1], mode="ram")
+        crop = RandCropByStoredCentresd(["image", "label"], spatial_size=[16, 20, 24], num_samples=3).set_random_state(3)
+        patches.append([norm(p) for p in crop(ds[0])])
+    assert store_mod.stored_bytes(item) == 3 * wide.size and store_mod.stored_bytes(ref) == 2 * wide.size
+    with caplog.at_level(logging.INFO):
+        choose_mode(store["train"], "mmap")
+    assert "GiB of uint8/uint16 volumes" in caplog.text
+    for wide_patch, narrow_patch in zip(*patches, strict=True):
+        assert wide_patch["image"].dtype == torch.float32
+        torch.testing.assert_close(wide_patch["image"], narrow_patch["image"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(wide_patch["label"], narrow_patch["label"])
+    whole = [norm(StoredVolumed(["image", "label"])(StoreDataset(s["train"][:1], mode="mmap")[0])) for s in (store, plain)]
+    torch.testing.assert_close(whole[0]["image"], whole[1]["image"], atol=1e-4, rtol=1e-4)
+
+
+def test_image_and_label_dtypes_the_store_refuses(dataset: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    lists = prepare_datalists(dataset, check=False)
+    img, lab = Path(lists["train"][0]["image"]), Path(lists["train"][0]["label"])
+    original = read_volume(img)
+    tifffile.imwrite(img, original.astype(np.float32))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(img))}: float32 image; the store holds uint8 or uint16 images"):
+        build_store(lists, tmp_path / "store", workers=1)
+    tifffile.imwrite(img, original.astype(np.int32) * 1000)
+    with pytest.raises(DatasetError, match=r"int32 values outside uint16 \[\d+, \d+\]; the store holds uint8 or uint16"):
+        build_store(lists, tmp_path / "store", workers=1)
+    tifffile.imwrite(img, original.astype(np.int16) + 300)  # a NIfTI-style int16 that fits: kept as uint16
+    assert np.load(build_store(lists, tmp_path / "store", workers=1)["train"][0]["image"]).dtype == np.uint16
+
+    wrong = read_volume(lab).astype(np.uint16)
+    wrong[0, 0, 0] = 300
+    tifffile.imwrite(lab, wrong)
+    with pytest.raises(DatasetError, match=r"label values \[300\] outside \{0, 1, 2\}"):
+        build_store(lists, tmp_path / "store", workers=1)
+    with pytest.raises(DatasetError, match=r"uint16 values outside uint8 \[0, 300\]; the store holds uint8 labels"):
+        build_store(lists, tmp_path / "store", workers=1, check=False)

@@ -59,6 +59,8 @@ def test_full_disk_names_path_bytes_needed_and_free(tmp_path: Path, monkeypatch:
     ("case", "expected"),
     [
         ("float labels 0.5/1.5/2.5", "label values [0.5, 1.5, 2.5] outside {0, 1, 2} (float labels"),
+        ("2D training image", "expected a 3D volume (Z, Y, X), got an array of shape (32, 32)"),  # the patch check
+        ("float32 image", "float32 image; the store holds uint8 or uint16 images"),
     ],
 )
 def test_bad_training_data_same_last_line_on_both_command_lines(tiny_dataset, tmp_path, case, expected) -> None:
