@@ -22,7 +22,7 @@ from pipeline.utils.config import (
     config_keys,
     unknown_keys_message,
 )
-from pipeline.utils.paths import BUNDLE, REPO
+from pipeline.utils.paths import BUNDLE, models_dir, output_root
 
 __all__ = [
     "BUNDLE_ARGS",
@@ -82,11 +82,11 @@ def main_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: synthetic scrolls")
-    p.add_argument("--output_dir", default=str(REPO / "outputs"),
+    p.add_argument("--output_dir", default=str(Path(output_root(BUNDLE)) / "outputs"),
                    help="logs, run folders (curves, TensorBoard), predictions, submission.zip (default: %(default)s)")
-    p.add_argument("--ckpt_dir", default=str(BUNDLE / "models"),
+    p.add_argument("--ckpt_dir", default=models_dir(BUNDLE),
                    help="model.pt and the training checkpoints; resume reads it (default: %(default)s)")
-    p.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"),
+    p.add_argument("--synthetic_dir", default=str(Path(output_root(BUNDLE)) / "data" / "synthetic"),
                    help="where the synthetic default dataset is generated when no --dataset_dir is given "
                    "(default: %(default)s)")
     p.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
@@ -322,11 +322,11 @@ def predict_parser() -> argparse.ArgumentParser:
 def merge_parser() -> argparse.ArgumentParser:
     """``python -m pipeline merge``'s parser."""
     p = argparse.ArgumentParser(prog="python -m pipeline merge", description="Zip and check the parts' masks.")
-    p.add_argument("--pred_dir", nargs="+", default=[str(REPO / "outputs" / "predictions")],
+    p.add_argument("--pred_dir", nargs="+", default=[str(Path(output_root(BUNDLE)) / "outputs" / "predictions")],
                    help="the parts' predictions folders (default: %(default)s)")
     p.add_argument("--dataset_dir", default=None, help="the test set the parts predicted; default: synthetic")
-    p.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"),
+    p.add_argument("--synthetic_dir", default=str(Path(output_root(BUNDLE)) / "data" / "synthetic"),
                    help="the synthetic default dataset (default: %(default)s)")
-    p.add_argument("--output", default=str(REPO / "outputs" / "submission.zip"),
+    p.add_argument("--output", default=str(Path(output_root(BUNDLE)) / "outputs" / "submission.zip"),
                    help="the submission to write (default: %(default)s)")
     return p
