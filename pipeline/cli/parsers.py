@@ -28,6 +28,7 @@ __all__ = [
     "BUNDLE_ARGS",
     "check_bundle_cli",
     "config_keys",
+    "configs_parser",
     "load_recipe",
     "lowercase_bools_message",
     "main_parser",
@@ -38,6 +39,7 @@ __all__ = [
     "synth_parser",
     "tune_parser",
     "unknown_keys_message",
+    "wheelhouse_parser",
     "with_recipe",
 ]
 
@@ -55,6 +57,8 @@ commands:
   tune      sweep threshold + post-processing on validation     python -m pipeline tune --help
   predict   stream a large volume (zarr/TIFF) block by block    python -m pipeline predict --help
   merge     zip and check the parts of a --num_parts run        python -m pipeline merge --help
+  configs   print the bundle's configs folder                   python -m pipeline configs
+  wheelhouse  wheels for an offline install                     python -m pipeline wheelhouse --help
 
 bundle settings: any key of bundle/configs/train.yaml, multi_gpu_train.yaml or inference.yaml, as --key value
 (or --key=value); values are Python/YAML literals, nested keys use '#'. A key no config has is refused, with
@@ -75,7 +79,8 @@ def main_parser() -> argparse.ArgumentParser:
     """The main job's parser (``python -m pipeline [options] [--<bundle key> VALUE ...]``)."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline",
-        usage="python -m pipeline [synth|score|tune|predict|merge] [options] [--<bundle key> VALUE ...]",
+        usage="python -m pipeline [synth|score|tune|predict|merge|configs|wheelhouse] [options] "
+        "[--<bundle key> VALUE ...]",
         description="Check the dataset, train (or resume; skipped when checkpoint_final.pt holds the configured "
         "epochs), then predict the test volumes and write submission.zip.",
         epilog=_MAIN_EPILOG,
@@ -329,4 +334,27 @@ def merge_parser() -> argparse.ArgumentParser:
                    help="the synthetic default dataset (default: %(default)s)")
     p.add_argument("--output", default=str(Path(output_root(BUNDLE)) / "outputs" / "submission.zip"),
                    help="the submission to write (default: %(default)s)")
+    return p
+
+
+def configs_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline configs``'s parser."""
+    return argparse.ArgumentParser(
+        prog="python -m pipeline configs",
+        description="Print the folder of the bundle's configs (train.yaml, inference.yaml, recipes/, ...): the "
+        "installed copy, or the checkout's bundle/configs. E.g. python -m monai.bundle run training --config_file "
+        '"$(python -m pipeline configs)/train.yaml"',
+    )
+
+
+def wheelhouse_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline wheelhouse``'s parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline wheelhouse",
+        description="From a checkout, with the network on, in the environment an offline install will go to (on "
+        "Kaggle: a notebook with internet, same image): build the project's wheel into DIR and add the wheels of the "
+        "dependencies this environment lacks (installed ones, torch among them, are left out). Offline: pip install "
+        "--no-index --find-links DIR vesuvius-bundle",
+    )
+    p.add_argument("dir", help="folder for the wheels (created; upload it as a dataset)")
     return p

@@ -61,14 +61,18 @@ def test_a_too_old_package_is_named_with_the_version_needed(monkeypatch, capsys)
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {requirements.outdated_message()}"]
 
 
-def test_the_command_line_stops_in_one_line(tmp_path: Path) -> None:
+def test_the_command_line_stops_in_one_line_and_wheelhouse_still_runs(tmp_path: Path) -> None:
     fake = tmp_path / "fake" / "numpy-1.0.dist-info"  # metadata found before the real numpy's
     fake.mkdir(parents=True)
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 1.0\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(fake.parent)])}
 
-    stopped = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120, check=False)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    stopped = run("--help")
     assert stopped.returncode == 1 and not stopped.stdout
     line = "error: vesuvius-bundle needs newer packages: numpy 1.0 (needs >=1.26); upgrade: pip install 'numpy>=1.26'"
     assert stopped.stderr.strip().splitlines() == [line]
+    assert run("wheelhouse", "--help").returncode == 0  # the command that gathers the newer wheels
