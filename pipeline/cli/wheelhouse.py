@@ -25,7 +25,7 @@ from pipeline.utils.errors import PipelineError
 from pipeline.utils.paths import BUNDLE, INSTALLED_BUNDLE, PACKAGES_DIR
 from pipeline.utils.requirements import is_older
 
-__all__ = ["PipError", "build_wheel", "main", "missing_packages"]
+__all__ = ["PipError", "build_wheel", "builds_offline", "main", "missing_packages"]
 
 PROJECT = "vesuvius-bundle"
 _SOURCES = ("pyproject.toml", "README.md", "LICENSE", "pipeline", "transforms", "bundle")
@@ -46,6 +46,23 @@ def _pip(*args: str) -> None:
         raise PipError(msg)
 
 
+def builds_offline() -> bool:
+    """Whether the installed setuptools builds the project's wheel with no download (``pip --no-build-isolation``):
+    70.1 or later, or 64 or later with the ``wheel`` package (``bdist_wheel`` moved into setuptools in 70.1). Else
+    pip fetches a build backend from the index (an isolated build).
+    """
+    try:
+        setuptools = metadata.version("setuptools")
+    except metadata.PackageNotFoundError:
+        return False
+    if not is_older(setuptools, "70.1"):
+        return True
+    try:
+        return not is_older(setuptools, "64") and bool(metadata.version("wheel"))
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def build_wheel(out: Path) -> Path:
     """Build the project's wheel from this checkout into ``out``, from a copy (no ``build/`` left in the checkout).
 
@@ -56,10 +73,6 @@ def build_wheel(out: Path) -> Path:
         msg = (f"{PACKAGES_DIR}: not a checkout of the project (an installed wheel); run wheelhouse from the "
                "repository, or copy the project's wheel into the folder yourself")
         raise PipelineError(msg)
-    try:
-        isolated = is_older(metadata.version("setuptools"), "64")
-    except metadata.PackageNotFoundError:
-        isolated = True
     with tempfile.TemporaryDirectory() as tmp:
         source, dist = Path(tmp) / "src", Path(tmp) / "dist"
         source.mkdir()
@@ -69,8 +82,7 @@ def build_wheel(out: Path) -> Path:
                 shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "models", "*.pt"))
             else:
                 shutil.copy2(path, source / name)
-        # the installed setuptools builds it when recent enough: no download, works offline
-        _pip("wheel", "--quiet", "--no-deps", *([] if isolated else ["--no-build-isolation"]), "-w", str(dist),
+        _pip("wheel", "--quiet", "--no-deps", *(["--no-build-isolation"] if builds_offline() else []), "-w", str(dist),
              str(source))
         (built,) = dist.glob("*.whl")
         return Path(shutil.copy2(built, out / built.name))
