@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipeline.utils.paths import BUNDLE, REPO
+from pipeline.utils.paths import BUNDLE, INSTALLED_BUNDLE, PACKAGES_DIR
 
 __all__ = ["MULTI_GPU_CONFIG", "default_nproc", "cli_overrides", "torchrun_command", "launch"]
 
@@ -154,7 +154,8 @@ def launch(
         configs.append(str(mixin))
     cmd = torchrun_command(configs, run_id, overrides, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if BUNDLE != INSTALLED_BUNDLE:  # a checkout, perhaps not installed: the workers import these same packages
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGES_DIR), env.get("PYTHONPATH")]))
     if not torch.cuda.is_available():
         # torchrun would pin every process to one thread; share the cores instead
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -6,6 +6,8 @@
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
     python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
     python -m pipeline merge --pred_dir DIR [DIR ...] [--dataset_dir DIR] [--output submission.zip]
+    python -m pipeline configs              # the bundle's configs folder (installed copy or the checkout's)
+    python -m pipeline wheelhouse DIR       # the project's wheel + the wheels this environment lacks (offline install)
 
 With no dataset the main job generates the synthetic scrolls into ``data/synthetic`` and trains on them with
 train.yaml's settings (about 5 minutes on a 2-core CPU). Any other ``--key value`` overrides the bundle key of that name in the configs that have it,
@@ -41,7 +43,7 @@ INFER_CONFIG = CONFIGS / "inference.yaml"
 MULTI_GPU_CONFIG = CONFIGS / "multi_gpu_train.yaml"
 LOGGING_CONF = CONFIGS / "logging.conf"
 
-COMMANDS = ("run", "synth", "score", "tune", "predict", "merge")
+COMMANDS = ("run", "synth", "score", "tune", "predict", "merge", "configs", "wheelhouse")
 # what inference reads from the model file's plans (pipeline/model/plans.py): given to training only, never twice
 FROM_MODEL_FILE = ("architecture", "deep_supervision", "network_channels", "network_strides", "num_res_units",
                    "patch_size")
@@ -274,12 +276,20 @@ def run_synth(argv: list[str]) -> int:
     return 0
 
 
+def run_configs(argv: list[str]) -> int:
+    """``python -m pipeline configs``: print the folder of the bundle's configs."""
+    cli.configs_parser().parse_args(argv)
+    print(CONFIGS)
+    return 0
+
+
 # command -> (its light parser, whether it takes --<bundle key> overrides, the module whose main() runs it)
 _SUBCOMMANDS = {
     "score": (cli.score_parser, False, "pipeline.cli.score"),
     "tune": (cli.tune_parser, True, "pipeline.cli.tune"),
     "predict": (cli.predict_parser, True, "pipeline.cli.predict"),
     "merge": (cli.merge_parser, False, "pipeline.cli.merge"),
+    "wheelhouse": (cli.wheelhouse_parser, False, "pipeline.cli.wheelhouse"),
 }
 
 
@@ -292,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_reporting_errors(run_main_job, rest)
     if command == "synth":
         return run_reporting_errors(run_synth, rest)
+    if command == "configs":
+        return run_reporting_errors(run_configs, rest)
     if command in _SUBCOMMANDS:
         parser, overrides, module = _SUBCOMMANDS[command]
         # --help and argument errors answered before torch is imported

@@ -22,12 +22,13 @@ from pipeline.utils.config import (
     config_keys,
     unknown_keys_message,
 )
-from pipeline.utils.paths import BUNDLE, REPO
+from pipeline.utils.paths import BUNDLE, models_dir, output_root
 
 __all__ = [
     "BUNDLE_ARGS",
     "check_bundle_cli",
     "config_keys",
+    "configs_parser",
     "load_recipe",
     "lowercase_bools_message",
     "main_parser",
@@ -38,6 +39,7 @@ __all__ = [
     "synth_parser",
     "tune_parser",
     "unknown_keys_message",
+    "wheelhouse_parser",
     "with_recipe",
 ]
 
@@ -55,6 +57,8 @@ commands:
   tune      sweep threshold + post-processing on validation     python -m pipeline tune --help
   predict   stream a large volume (zarr/TIFF) block by block    python -m pipeline predict --help
   merge     zip and check the parts of a --num_parts run        python -m pipeline merge --help
+  configs   print the bundle's configs folder                   python -m pipeline configs
+  wheelhouse  wheels for an offline install                     python -m pipeline wheelhouse --help
 
 bundle settings: any key of bundle/configs/train.yaml, multi_gpu_train.yaml or inference.yaml, as --key value
 (or --key=value); values are Python/YAML literals, nested keys use '#'. A key no config has is refused, with
@@ -75,18 +79,19 @@ def main_parser() -> argparse.ArgumentParser:
     """The main job's parser (``python -m pipeline [options] [--<bundle key> VALUE ...]``)."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline",
-        usage="python -m pipeline [synth|score|tune|predict|merge] [options] [--<bundle key> VALUE ...]",
+        usage="python -m pipeline [synth|score|tune|predict|merge|configs|wheelhouse] [options] "
+        "[--<bundle key> VALUE ...]",
         description="Check the dataset, train (or resume; skipped when checkpoint_final.pt holds the configured "
         "epochs), then predict the test volumes and write submission.zip.",
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset_dir", default=None, help="Kaggle layout folder; default: synthetic scrolls")
-    p.add_argument("--output_dir", default=str(REPO / "outputs"),
+    p.add_argument("--output_dir", default=str(Path(output_root(BUNDLE)) / "outputs"),
                    help="logs, run folders (curves, TensorBoard), predictions, submission.zip (default: %(default)s)")
-    p.add_argument("--ckpt_dir", default=str(BUNDLE / "models"),
+    p.add_argument("--ckpt_dir", default=models_dir(BUNDLE),
                    help="model.pt and the training checkpoints; resume reads it (default: %(default)s)")
-    p.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"),
+    p.add_argument("--synthetic_dir", default=str(Path(output_root(BUNDLE)) / "data" / "synthetic"),
                    help="where the synthetic default dataset is generated when no --dataset_dir is given "
                    "(default: %(default)s)")
     p.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
@@ -322,11 +327,34 @@ def predict_parser() -> argparse.ArgumentParser:
 def merge_parser() -> argparse.ArgumentParser:
     """``python -m pipeline merge``'s parser."""
     p = argparse.ArgumentParser(prog="python -m pipeline merge", description="Zip and check the parts' masks.")
-    p.add_argument("--pred_dir", nargs="+", default=[str(REPO / "outputs" / "predictions")],
+    p.add_argument("--pred_dir", nargs="+", default=[str(Path(output_root(BUNDLE)) / "outputs" / "predictions")],
                    help="the parts' predictions folders (default: %(default)s)")
     p.add_argument("--dataset_dir", default=None, help="the test set the parts predicted; default: synthetic")
-    p.add_argument("--synthetic_dir", default=str(REPO / "data" / "synthetic"),
+    p.add_argument("--synthetic_dir", default=str(Path(output_root(BUNDLE)) / "data" / "synthetic"),
                    help="the synthetic default dataset (default: %(default)s)")
-    p.add_argument("--output", default=str(REPO / "outputs" / "submission.zip"),
+    p.add_argument("--output", default=str(Path(output_root(BUNDLE)) / "outputs" / "submission.zip"),
                    help="the submission to write (default: %(default)s)")
+    return p
+
+
+def configs_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline configs``'s parser."""
+    return argparse.ArgumentParser(
+        prog="python -m pipeline configs",
+        description="Print the folder of the bundle's configs (train.yaml, inference.yaml, recipes/, ...): the "
+        "installed copy, or the checkout's bundle/configs. E.g. python -m monai.bundle run training --config_file "
+        '"$(python -m pipeline configs)/train.yaml"',
+    )
+
+
+def wheelhouse_parser() -> argparse.ArgumentParser:
+    """``python -m pipeline wheelhouse``'s parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline wheelhouse",
+        description="From a checkout, with the network on, in the environment an offline install will go to (on "
+        "Kaggle: a notebook with internet, same image): build the project's wheel into DIR and add the wheels of the "
+        "dependencies this environment lacks (installed ones, torch among them, are left out). Offline: pip install "
+        "--no-index --find-links DIR vesuvius-bundle",
+    )
+    p.add_argument("dir", help="folder for the wheels (created; upload it as a dataset)")
     return p

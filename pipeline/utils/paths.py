@@ -2,9 +2,17 @@
 
 The configs name their files from ``bundle_root`` (``$pipeline.utils.paths.bundle_root()``), never from the working
 directory: ``python -m monai.bundle run training --config_file /abs/path/bundle/configs/train.yaml`` reads and
-writes the same files from ``/tmp`` as from the repository root. The packages sit next to ``bundle/`` in the
-checkout (installed editable by ``pip install -r requirements.txt``), so the bundle folder is found from here;
-a bundle folder copied elsewhere is used with ``--bundle_root DIR``.
+writes the same files from ``/tmp`` as from the repository root. Two layouts carry the bundle:
+
+- a checkout (also installed editable, as ``pip install -r requirements.txt`` does): ``bundle/`` next to
+  ``pipeline/``;
+- an installed wheel (``pip install vesuvius-bundle``): the same files inside the package, ``pipeline/bundle/``
+  (``python -m pipeline configs`` prints its ``configs/`` folder).
+
+Outputs (``outputs/``, ``data/synthetic``, the checkpoints) go beside a bundle that is a writable folder of its own
+(the checkout: ``outputs/``, ``data/``, ``bundle/models``), else under the working directory (the installed copy,
+or a read-only checkout such as one under ``/kaggle/input``: ``./outputs``, ``./data``, ``./models``). A bundle
+folder copied elsewhere is used with ``--bundle_root DIR``.
 
 Also here: reading another config's values by expression (what a ``%file#key`` macro would do, except that a
 macro's path is relative to the working directory).
@@ -19,12 +27,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "BUNDLE", "bundle_root", "repo_root", "config_values"]
+__all__ = [
+    "BUNDLE",
+    "INSTALLED_BUNDLE",
+    "PACKAGES_DIR",
+    "bundle_root",
+    "config_values",
+    "models_dir",
+    "output_root",
+]
 
-REPO = Path(__file__).resolve().parents[2]
-"""The checkout holding ``pipeline/``, ``transforms/`` and ``bundle/``."""
-BUNDLE = REPO / "bundle"
-"""The bundle folder: ``configs/``, ``models/``, ``docs/``."""
+PACKAGES_DIR = Path(__file__).resolve().parents[2]
+"""The folder holding the ``pipeline`` and ``transforms`` packages: the checkout, or ``site-packages``."""
+INSTALLED_BUNDLE = PACKAGES_DIR / "pipeline" / "bundle"
+"""Where a wheel installs the bundle (the package data ``pipeline/bundle``; absent in a checkout)."""
+BUNDLE = INSTALLED_BUNDLE if (INSTALLED_BUNDLE / "configs").is_dir() else PACKAGES_DIR / "bundle"
+"""The bundle folder: ``configs/`` (with ``recipes/``), ``docs/``, ``eval/``; ``models/`` in a checkout."""
 
 
 def bundle_root() -> str:
@@ -32,9 +50,24 @@ def bundle_root() -> str:
     return str(BUNDLE)
 
 
-def repo_root(bundle_root: str | os.PathLike) -> str:
-    """The folder above ``bundle_root``: the default home of ``outputs/`` and ``data/`` (git-ignored)."""
-    return str(Path(bundle_root).resolve().parent)
+def _writable_checkout(bundle: Path) -> bool:
+    """Whether outputs may go beside ``bundle``: a folder of its own (not the installed copy), it and its parent
+    writable."""
+    return bundle != INSTALLED_BUNDLE and os.access(bundle, os.W_OK) and os.access(bundle.parent, os.W_OK)
+
+
+def output_root(bundle_root: str | os.PathLike) -> str:
+    """The default home of ``outputs/`` and ``data/``: the folder above ``bundle_root`` when the bundle is a writable
+    checkout, else the working directory."""
+    bundle = Path(bundle_root).resolve()
+    return str(bundle.parent if _writable_checkout(bundle) else Path.cwd())
+
+
+def models_dir(bundle_root: str | os.PathLike) -> str:
+    """The default ``ckpt_dir``: ``<bundle_root>/models`` when the bundle is a writable checkout, else
+    ``./models`` under the working directory."""
+    bundle = Path(bundle_root).resolve()
+    return str((bundle if _writable_checkout(bundle) else Path.cwd()) / "models")
 
 
 def config_values(bundle_root: str | os.PathLike, config: str, keys: Sequence[str]) -> dict[str, Any]:

@@ -100,6 +100,23 @@ def test_default_paths_follow_bundle_root(tmp_path, monkeypatch):
         assert parser.get_parsed_content("ckpt_dir") == str(REPO / "bundle" / "models")
 
 
+def test_default_outputs_go_to_the_working_directory_for_an_installed_bundle(tmp_path, monkeypatch):
+    """The copy a wheel installs (pipeline/bundle in site-packages) is no place for outputs: they go to the working
+    directory (tests/bundle/test_install.py runs the installed wheel)."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.utils import paths
+
+    monkeypatch.setattr(paths, "INSTALLED_BUNDLE", REPO / "bundle")
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.yaml", "inference.yaml"):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        assert parser.get_parsed_content("output_dir") == str(tmp_path / "outputs")
+        assert parser.get_parsed_content("synthetic_dir") == str(tmp_path / "data" / "synthetic")
+        assert parser.get_parsed_content("ckpt_dir") == str(tmp_path / "models")
+
+
 def test_the_split_follows_split_seed_not_the_training_seed(tiny_dataset):
     from monai.bundle import ConfigParser
 

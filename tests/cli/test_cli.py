@@ -42,6 +42,10 @@ def _probe(*args: str) -> subprocess.CompletedProcess:
         (["tune", "--help"], 0, "--grid_threshold"),
         (["predict", "--help"], 0, "--num_parts"),
         (["merge", "--help"], 0, "--pred_dir"),
+        (["configs"], 0, str(CONFIGS)),
+        (["configs", "--help"], 0, "--config_file"),
+        (["wheelhouse", "--help"], 0, "--find-links"),
+        (["wheelhouse"], 2, "dir"),
         (["predict", "--output", "x.zarr"], 2, "--input"),
         (["--epoch", "3"], 2, "did you mean 'epochs'?"),
         (["--dataset_dir", "/nonexistent/vesuvius"], 2, "/nonexistent/vesuvius: dataset folder not found"),
@@ -60,11 +64,11 @@ def test_answered_before_torch_is_imported(args: list[str], rc: int, expected: s
 def test_main_help_lists_commands_overrides_and_help_for_every_option() -> None:
     parser = cli.main_parser()
     text = parser.format_help()
-    for command in ("synth", "score", "tune", "predict", "merge"):
+    for command in ("synth", "score", "tune", "predict", "merge", "configs", "wheelhouse"):
         assert f"\n  {command} " in text
     assert "--epochs 200" in text and "--train#dataloader#num_workers 2" in text
     parsers = (cli.main_parser(), cli.synth_parser(), cli.score_parser(), cli.tune_parser(), cli.predict_parser(),
-               cli.merge_parser())
+               cli.merge_parser(), cli.configs_parser(), cli.wheelhouse_parser())
     for parser in parsers:
         for action in parser._actions:
             assert action.help, (parser.prog, action.option_strings)
@@ -175,3 +179,13 @@ def test_score_on_a_missing_folder_exits_2_from_the_command_line(tmp_path: Path)
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and str(tmp_path) in proc.stderr
+
+
+def test_wheelhouse_needs_the_checkout(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An installed wheel holds no source to build the project's wheel from: one line, exit 2."""
+    import pipeline.cli.wheelhouse as wheelhouse
+    from pipeline.cli.main import main
+
+    monkeypatch.setattr(wheelhouse, "INSTALLED_BUNDLE", wheelhouse.BUNDLE)
+    assert main(["wheelhouse", str(tmp_path / "wheels")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
