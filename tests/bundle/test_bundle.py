@@ -79,6 +79,7 @@ def test_multi_gpu_mixin_only_overrides_keys():
     mixin = yaml.safe_load(open(CONFIGS / "multi_gpu_train.yaml"))
     assert not {"initialize", "run", "training", "imports"} & set(mixin)
     own = {"partition_cache"}  # the mixin's one setting of its own
+    assert mixin["distributed"] is True  # a DDP network needs the group even under torchrun --nproc_per_node=1
     for key in set(mixin) - own:
         top = key.split("#", 1)[0]
         assert top in train, f"multi_gpu_train.yaml: {key} overrides nothing in train.yaml"

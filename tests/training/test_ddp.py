@@ -237,6 +237,17 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(ddp_dataset, tmp_path):
     assert "Resumed from" in rank0 and f"at epoch {done}" in rank0
 
 
+def test_multi_gpu_config_with_one_process(ddp_dataset, tmp_path):
+    """torchrun --nproc_per_node=1 with multi_gpu_train.yaml (one GPU, the same command as for several): the DDP
+    network needs the process group although the world has one rank."""
+    overrides = _overrides(ddp_dataset, tmp_path, epochs=1)
+    cmd = torchrun_command([str(TRAIN_CONFIG), str(MULTI_GPU_CONFIG)], "training", overrides, nproc=1)
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert completed_epochs(tmp_path / "models") == 1
+    assert "rank 0 of 1" in (tmp_path / "out" / "logs" / "training_rank0.log").read_text()
+
+
 def test_two_nodes_on_one_machine_with_partitioned_cache(ddp_dataset, tmp_path):
     rec = tmp_path / "records"
     configs = [str(TRAIN_CONFIG), str(recorder_mixin(tmp_path / "recorder.yaml", rec)), str(MULTI_GPU_CONFIG)]
