@@ -49,8 +49,14 @@ def _release(version: str) -> tuple[int, ...]:
 
 
 def is_older(version: str, minimum: str) -> bool:
-    """Whether release ``version`` is older than ``minimum`` (``"2.6.0+cu124"`` < ``"2.8"``)."""
+    """Whether release ``version`` is older than ``minimum`` (``"2.6.0+cu124"`` < ``"2.8"``).
+
+    A version with no release number (``"0+unknown"``, ``"0.0.0"``: a source build or an editable install without
+    its tags) is not known to be older: it passes.
+    """
     have, need = _release(version), _release(minimum)
+    if not any(have):
+        return False
     width = max(len(have), len(need))
     return have + (0,) * (width - len(have)) < need + (0,) * (width - len(need))
 

@@ -44,6 +44,7 @@ def test_the_tested_versions_satisfy_the_declared_ranges() -> None:
 @pytest.mark.parametrize(("version", "minimum", "older"), [
     ("2.6.0+cu124", "2.8", True), ("2.8.0", "2.8", False), ("2.13.0+cpu", "2.8", False), ("1.6.0", "1.6.1", True),
     ("2024.12.30", "2024.1.30", False), ("0.60.0rc1", "0.60", False), ("3.0", "3.1.6", True),
+    ("0+unknown", "2.8", False), ("0.0.0", "0.60", False), ("dev", "1.0", False),
 ])
 def test_is_older(version: str, minimum: str, older: bool) -> None:
     assert is_older(version, minimum) is older
