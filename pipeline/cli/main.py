@@ -33,7 +33,7 @@ import yaml
 
 from pipeline.cli import parsers as cli
 from pipeline.utils.errors import run_reporting_errors, suggest
-from pipeline.utils.paths import BUNDLE
+from pipeline.utils.paths import BUNDLE, model_file
 
 __all__ = ["main", "parse_overrides", "route_overrides"]
 
@@ -178,7 +178,7 @@ def run_main_job(argv: list[str]) -> int:
             what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
             print(f"error: training {what} (exit code {rc}; rank logs in {logs}): not predicting", file=sys.stderr)
             return rc
-    model = Path(overrides.get("model_path", Path(args.ckpt_dir) / "model.pt"))
+    model = Path(overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE)))
     if model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)

@@ -11,7 +11,8 @@ writes the same files from ``/tmp`` as from the repository root. Two layouts car
 
 Outputs (``outputs/``, ``data/synthetic``, the checkpoints) go beside a bundle that is a writable folder of its own
 (the checkout: ``outputs/``, ``data/``, ``bundle/models``), else under the working directory (the installed copy,
-or a read-only checkout such as one under ``/kaggle/input``: ``./outputs``, ``./data``, ``./models``). A bundle
+or a read-only checkout such as one under ``/kaggle/input``: ``./outputs``, ``./data``, ``./models``); inference
+still finds a read-only checkout's own ``bundle/models/model.pt`` (``model_file``). A bundle
 folder copied elsewhere is used with ``--bundle_root DIR``.
 
 Also here: reading another config's values by expression (what a ``%file#key`` macro would do, except that a
@@ -33,6 +34,7 @@ __all__ = [
     "PACKAGES_DIR",
     "bundle_root",
     "config_values",
+    "model_file",
     "models_dir",
     "output_root",
 ]
@@ -68,6 +70,17 @@ def models_dir(bundle_root: str | os.PathLike) -> str:
     ``./models`` under the working directory."""
     bundle = Path(bundle_root).resolve()
     return str((bundle if _writable_checkout(bundle) else Path.cwd()) / "models")
+
+
+def model_file(ckpt_dir: str | os.PathLike, bundle_root: str | os.PathLike) -> str:
+    """The default ``model_path`` of inference and evaluation: ``<ckpt_dir>/model.pt``, except that a read-only
+    checkout's own trained model (``<bundle_root>/models/model.pt``, e.g. a repository uploaded to ``/kaggle/input``
+    with its model) is used while ``ckpt_dir`` is the default (``./models``) and holds none."""
+    path = Path(ckpt_dir) / "model.pt"
+    shipped = Path(bundle_root).resolve() / "models" / "model.pt"
+    if not path.is_file() and Path(ckpt_dir).resolve() == Path(models_dir(bundle_root)) and shipped.is_file():
+        return str(shipped)
+    return str(path)
 
 
 def config_values(bundle_root: str | os.PathLike, config: str, keys: Sequence[str]) -> dict[str, Any]:
