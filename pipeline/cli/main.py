@@ -240,7 +240,7 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
     return launch.launch(
         [str(TRAIN_CONFIG)],
         "training",
-        route_overrides(overrides, TRAIN_CONFIG, MULTI_GPU_CONFIG),  # the mixin's keys too (dist_timeout_minutes, ...)
+        route_overrides(overrides, TRAIN_CONFIG, MULTI_GPU_CONFIG),  # the mixin's own keys too (partition_cache)
         nproc=args.nproc,
         nnodes=args.nnodes,
         node_rank=args.node_rank,

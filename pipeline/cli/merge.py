@@ -15,8 +15,6 @@ from transforms.io import VolumeError, case_id, read_volume_shape
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline merge``: zip and check the masks of every part; exit 2 with one line on a problem."""
-
-
     parser = merge_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -24,8 +24,6 @@ from pipeline.model.plans import POSTPROCESSING_KEYS
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
-
-
     parser = predict_parser()
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)

@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a bad grid or data.
     """
-
     args, rest = tune_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = parse_overrides(rest)
     for key in ("dataset_dir", "ckpt_dir", "output_dir"):

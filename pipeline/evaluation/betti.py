@@ -27,7 +27,7 @@ arrays (``src_3D/dimension_0.cpp``, ``dimension_1.cpp``, ``dimension_2.cpp``):
   matches when both younger roots are the younger roots of P- and G-pairs.
 
 Tested equal to the compiled Betti-Matching-3D, count by count, on random model-like volumes
-(``tests/test_score.py``); that program ships in the ``topolosses`` 0.2.0 wheel (:func:`reference_counts`, a
+(``tests/evaluation/test_score.py``); that program ships in the ``topolosses`` 0.2.0 wheel (:func:`reference_counts`, a
 test and benchmark reference only: ``pip install --no-deps topolosses==0.2.0``). The kernels are compiled by numba
 on first use (~20 s, then loaded from its cache in well under a second) and run without the GIL, so
 :mod:`pipeline.evaluation.score` counts octants in threads. Measured on a 160^3 octant of ``bench/bench_score.py``'s volume

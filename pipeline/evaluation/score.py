@@ -46,7 +46,7 @@ the program's counts; per octant:
 
 Tested equal to the compiled Betti-Matching-3D (the ``topolosses`` 0.2.0 wheel), count by count, on 56 random
 model-like volumes through :func:`topo_counts` and on 48 small ones, flat boxes included, through
-:func:`pipeline.evaluation.betti.matching_counts` with every dimension counted (``tests/test_score.py``). Time:
+:func:`pipeline.evaluation.betti.matching_counts` with every dimension counted (``tests/evaluation/test_score.py``). Time:
 ``bench/bench_score.py`` prints the exact score next to that program run octant by octant as the official code
 does: on a 320^3 volume whose eight octants all need the exact dimension-1 count, 2 cores, see the bundle card.
 

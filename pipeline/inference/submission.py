@@ -127,7 +127,8 @@ class MaskFiles:
 
 
 def check_submission(zip_path: str | os.PathLike, expected: Mapping[str, Sequence[int]]) -> None:
-    """Verify a submission zip: one ``<id>.tif`` per expected id, nothing else, each uint8 of the expected shape.
+    """Verify a submission zip: one ``<id>.tif`` per expected id and no other ``.tif``, each uint8 of the expected
+    shape. Members that are not ``.tif`` are ignored, as the scorer ignores them (it globs ``*.tif``).
 
     Args:
         zip_path: the zip to check.

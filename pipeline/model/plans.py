@@ -309,7 +309,7 @@ def resolve_plans(
         post[key] = value
     plans["postprocessing"] = post
     # the network is fully convolutional: a window other than the training patch (larger ones help, as the winners
-    # found) is a choice, not a mismatch; settings.check_patch_size checks it against the strides
+    # found) is a choice, not a mismatch; pipeline.data.checks.check_patch_size checks it against the strides
     plans["roi_size"] = plans["patch_size"] if patch_size is None else _patch(patch_size, "patch_size")
     return plans
 

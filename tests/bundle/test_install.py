@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from tests.conftest import TINY_TRAIN
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundle" / "configs"
-WHEEL = "vesuvius_bundle-0.1.0-py3-none-any.whl"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+WHEEL = f"vesuvius_bundle-{VERSION}-py3-none-any.whl"
 
 
 def _venv(path: Path) -> Path:
@@ -79,7 +81,7 @@ def test_editable_install_works_from_another_directory(tmp_path: Path) -> None:
                  cwd=elsewhere, env=env)
     assert found.stdout.split() == [str(REPO / "pipeline" / "__init__.py"), str(REPO / "transforms" / "__init__.py")]
     # MONAI's own check of metadata.json's network_data_format (spatial_shape) on the network training builds
-    # (inference.yaml's is built from a model file: tests/test_zoo.py)
+    # (inference.yaml's is built from a model file: tests/bundle/test_zoo.py)
     verified = _run([python, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
                      CONFIGS / "metadata.json", "--config_file", CONFIGS / "train.yaml"], cwd=elsewhere, env=env)
     assert "data shape of network is verified with no error" in verified.stdout + verified.stderr

@@ -73,4 +73,4 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     assert completed_epochs(ckpt) == 3
     assert list((out / "runs").iterdir()) == [run]  # ... in its own folder
     assert [row["epoch"] for row in json.loads((run / "training_history.json").read_text())["epochs"]] == [1, 2, 3]
-    # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/test_runs.py
+    # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/training/test_runs.py

@@ -710,18 +710,18 @@ def test_octants_in_threads_give_the_counts_of_one_thread(monkeypatch):
 
 
 def test_octant_threads_follow_cores_memory_and_size(monkeypatch):
-    import pipeline.utils.memory as store
+    import pipeline.utils.memory as memory
 
     monkeypatch.delenv(score_module.SCORE_THREADS_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(score_module.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda: 64 * 2**30)
     big = 160**3
     assert score_module._octant_threads(8, big) == 8
     assert score_module._octant_threads(1, big) == 1 and score_module._octant_threads(8, 20**3) == 1
-    monkeypatch.setattr(store, "available_memory", lambda: 2 * 2**30)  # 0.65 GB an octant: 1.6 GB holds 2
+    monkeypatch.setattr(memory, "available_memory", lambda: 2 * 2**30)  # 0.65 GB an octant: 1.6 GB holds 2
     assert score_module._octant_threads(8, big) == 2
-    monkeypatch.setattr(store, "available_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda: 64 * 2**30)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the 16 cores
     assert score_module._octant_threads(8, big) == 4
     monkeypatch.setenv(score_module.SCORE_THREADS_ENV, "3")

@@ -77,3 +77,10 @@ def test_the_command_line_stops_in_one_line_and_wheelhouse_still_runs(tmp_path: 
     line = "error: vesuvius-bundle needs newer packages: numpy 1.0 (needs >=1.26); upgrade: pip install 'numpy>=1.26'"
     assert stopped.stderr.strip().splitlines() == [line]
     assert run("wheelhouse", "--help").returncode == 0  # the command that gathers the newer wheels
+
+
+def test_the_package_and_the_bundle_have_one_version() -> None:
+    """The wheel's version is the bundle's (metadata.json, whose changelog the model zoo checks)."""
+    meta = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())
+    with open(REPO / "pyproject.toml", "rb") as f:
+        assert tomllib.load(f)["project"]["version"] == meta["version"]
