@@ -1,9 +1,12 @@
-"""Real-scale data path: the volume store vs today's CacheDataset, on N synthetic volumes of 320^3 (default 40).
+"""Real-scale data path: the volume store on N synthetic volumes of 320^3 (default 40).
 
 Prints, measured in this run:
 
-1. loader patches/s on one core at 64^3 and 128^3 from 320^3 volumes: before (the CacheDataset chain of the
-   previous train.yaml, read from git) and after (crops cut from the memory-mapped store, same augmentation);
+0. the store on disk with skeletons, bytes per voxel: before (format 1: image, label and skeleton as uncompressed
+   ``.npy``) and after (label and skeleton chunked zstd, ``pipeline.data.chunked``); the tubed skeleton's CPU
+   seconds per volume;
+1. loader patches per CPU-second of one thread at 64^3 and 128^3 from 320^3 volumes, train.yaml's crop and
+   augmentation, memory-mapped: before (format 1's files) and after (this store);
 2. the default ``python -m monai.bundle run training`` for one epoch shortened to ``--iterations`` (the CPUs
    these figures come from are shared) in runs that follow each other: first run (builds the store: its start-up is the build), second run (start-up with the store built),
    the in-RAM vs memory-mapped step, and with ``--mem-cap`` the default settings inside a cgroup-v1 memory cap,
@@ -30,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TRAIN = REPO / "bundle" / "configs" / "train.yaml"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-BEFORE_COMMIT = "3acf90e"  # the last train.yaml with the CacheDataset path
 KAGGLE = {"train": 646, "val": 160, "epochs": 71, "val_interval": 5}
 
 
@@ -92,41 +93,92 @@ def dataset_bytes(data: Path) -> int:
     return sum(2 * int(__import__("numpy").prod(read_volume_shape(c["image"]))) for c in train_datalist(data))
 
 
+def _format1(items: list[dict]) -> list[dict]:
+    """The same store items with the label and skeleton as uncompressed ``.npy`` files (store format 1), written
+    beside the store's chunked files."""
+    import numpy as np
+
+    from pipeline.data.chunked import ChunkedVolume
+
+    out = []
+    for item in items:
+        item = dict(item)
+        for key in ("label", "skeleton"):
+            if key in item:
+                npy = item[key].replace(".chunks", ".npy")
+                if not Path(npy).is_file():
+                    np.save(npy, np.asarray(ChunkedVolume(item[key])))
+                item[key] = npy
+        out.append(item)
+    return out
+
+
 def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tuple[float, float]]:
-    """Patches per CPU-second and per wall second of one thread: before (the previous train.yaml's CacheDataset
-    chain) and after (the store chain)."""
+    """Patches per CPU-second and per wall second of one thread, memory-mapped, with train.yaml's crop and
+    augmentation: before (format 1: label and skeleton uncompressed ``.npy``) and after (this store: chunked zstd)."""
+    import numpy as np
     import torch
     from monai.bundle import ConfigParser
 
     from pipeline.data.datalist import prepare_datalists
-    from pipeline.data.store import build_store
+    from pipeline.data.store import StoreDataset, build_store
+
+    class Format1(StoreDataset):
+        def _open(self, index, mmap_mode):
+            item = self.data[index]
+            arrays = {k: np.load(item[k], mmap_mode=mmap_mode) for k in ("image", "label", "centres", "skeleton") if k in item}
+            bounds = np.cumsum([0, *item["centres_per_class"]])
+            arrays["centres"] = [arrays["centres"][bounds[i] : bounds[i + 1]] for i in range(len(item["centres_per_class"]))]
+            return arrays
 
     torch.set_num_threads(1)
     lists = prepare_datalists(data, check=False)
     two = {"train": lists["train"][:2], "val": []}
-    old = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:bundle/configs/train.yaml"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap"})
+    parser["datalists"] = two
+    # the store the config's crop reads: with skeletons when its skeleton recall loss is on (train.yaml's default)
+    skeleton = parser.get_parsed_content("skeleton_recall_weight")
+    parser["store"] = store = build_store(two, store_dir, skeletons=["train"] if skeleton else [])
+    parser.get_parsed_content("imports")
+    after = parser.get_parsed_content("train#dataset")
+    before = Format1(_format1(store["train"]), transform=after.transform, mode="mmap")
     rates = []
-    with tempfile.TemporaryDirectory() as tmp:
-        old_yaml = Path(tmp) / "train_before.yaml"
-        old_yaml.write_text(old)
-        for config in (old_yaml, TRAIN):
-            parser = ConfigParser()
-            parser.read_config(str(config))
-            parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap"})
-            parser["datalists"] = two
-            # the store the config's crop reads: with skeletons when its skeleton recall loss is on (train.yaml's default)
-            skeleton = "skeleton_recall_weight" in parser and parser.get_parsed_content("skeleton_recall_weight")
-            parser["store"] = build_store(two, store_dir, skeletons=["train"] if skeleton else [])
-            parser.get_parsed_content("imports")
-            ds = parser.get_parsed_content("train#dataset")
-            ds[0], ds[1]  # warm: page cache, first-call set-up
-            t0, c0 = time.perf_counter(), time.process_time()
-            n = 0
-            for i in range(visits):
-                n += len(ds[i % 2])
-            rates.append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
-            del ds, parser
+    for ds in (before, after):
+        ds[0], ds[1]  # warm: page cache, first-call set-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = 0
+        for i in range(visits):
+            n += len(ds[i % 2])
+        rates.append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
     return rates
+
+
+def store_footprint(data: Path, store_dir: Path, n_skeleton: int = 2) -> dict:
+    """Bytes per voxel on disk of the store with skeletons: this format (measured files) and format 1 (uncompressed
+    ``.npy``: image, label, skeleton, centres); tubed-skeleton seconds per volume (process CPU time, one thread)."""
+    import numpy as np
+
+    from pipeline.data.chunked import ChunkedVolume
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.data.store import build_store, tubed_skeleton
+
+    lists = prepare_datalists(data, check=False)
+    store = build_store({"train": lists["train"]}, store_dir, skeletons=["train"])["train"]
+    voxels = sum(int(np.prod(it["shape"])) for it in store)
+    files = [Path(it[k]) for it in store for k in ("image", "label", "skeleton", "centres")]
+    after = sum(f.stat().st_size for f in files)
+    before = sum(Path(it["image"]).stat().st_size + Path(it["centres"]).stat().st_size + 2 * int(np.prod(it["shape"])) for it in store)
+    seconds = []
+    for it in store[:n_skeleton]:
+        label = np.asarray(ChunkedVolume(it["label"]))
+        c0 = time.process_time()
+        tubed_skeleton(label)
+        seconds.append(time.process_time() - c0)
+    parts = {k: sum(Path(it[k]).stat().st_size for it in store) / voxels for k in ("image", "label", "skeleton", "centres")}
+    return {"volumes": len(store), "before": before / voxels, "after": after / voxels, "parts": parts,
+            "skeleton_s": statistics.mean(seconds)}
 
 
 def _cgroup(cap_bytes: int | None) -> Path:
@@ -139,7 +191,7 @@ def _cgroup(cap_bytes: int | None) -> Path:
 
 def _evict(folder: Path) -> None:
     """Drop the store's pages from the page cache (these files only), so a capped run pays for reading them."""
-    for p in folder.glob("*.npy"):
+    for p in [*folder.glob("*.npy"), *folder.glob("*.chunks")]:
         fd = os.open(p, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -242,7 +294,7 @@ def main() -> int:
     parser.add_argument("--mem-cap", default=None, help="'kaggle' (0.55 x uint8 dataset + 1.1 GiB) or MiB; also runs capped")
     parser.add_argument("--visits", type=int, default=30, help="dataset visits per loader measurement")
     parser.add_argument("--iterations", type=int, default=6, help="iterations of each training run's (only) epoch")
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: loader,train,ddp,val")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: store,loader,train,ddp,val")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     data, work = Path(args.data), Path(args.work)
@@ -280,12 +332,18 @@ def main() -> int:
             print(f"memory-mapped step / in-RAM step ({ram['name']}): wall {m['s_per_it'] / ram['s_per_it']:.3f}, "
                   f"process CPU time {m['cpu_s_per_it'] / ram['cpu_s_per_it']:.3f}; data wait per step "
                   f"{m['data_s_per_it'] * 1000:.0f} ms vs {ram['data_s_per_it'] * 1000:.0f} ms")
+    if "store" not in skip:
+        f = store_footprint(data, work / "store")
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in f["parts"].items())
+        print(f"\n== store on disk with skeletons, {f['volumes']} volumes: before (format 1, uncompressed .npy) "
+              f"{f['before']:.3f} bytes per voxel, after {f['after']:.3f} ({parts}), x{f['after'] / f['before']:.3f}")
+        print(f"tubed skeleton: {f['skeleton_s']:.1f} s of CPU per 320^3 volume (one thread)", flush=True)
     if "loader" not in skip:
-        print("\n== loader, one thread, patches from 320^3 volumes (num_samples=2 per visit)")
+        print("\n== loader, one thread, patches from 320^3 volumes (train.yaml's crop and augmentation, memory-mapped)")
         for patch in (64, 128):
             (before, before_wall), (after, after_wall) = loader_rate(data, work / "store", patch, args.visits)
-            print(f"{patch}^3: before (CacheDataset) {before:.1f} patches per CPU-second, after (store, mmap) {after:.1f}, "
-                  f"x{after / before:.1f} (wall clock on this shared machine: {before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
+            print(f"{patch}^3: before (format 1: .npy label/skeleton) {before:.1f} patches per CPU-second, after (chunked zstd) "
+                  f"{after:.1f}, x{after / before:.3f} (wall clock on this shared machine: {before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
     if "val" not in skip:
         step = next((r["s_per_it"] for r in results if r.get("name") == "second_run_mmap" and r["rc"] == 0), None)
         if step is not None:

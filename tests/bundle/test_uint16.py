@@ -19,6 +19,7 @@ import tifffile
 import zarr
 
 from pipeline.data import datalist as data
+from pipeline.data.chunked import ChunkedVolume
 from pipeline.inference.submission import check_submission
 from tests._bad_inputs import QUIET_TRAIN, run_cli
 from tests.conftest import CONFIGS, TINY_INFER, TINY_TRAIN, cli_args
@@ -66,7 +67,7 @@ def test_training_stores_uint16_and_validates(trained: dict) -> None:
     for meta in store.glob("*.json"):
         stem = meta.with_suffix("")
         case = stem.name.rsplit("-", 1)[0]
-        dtypes[case] = (np.load(f"{stem}.image.npy", mmap_mode="r").dtype, np.load(f"{stem}.label.npy", mmap_mode="r").dtype)
+        dtypes[case] = (np.load(f"{stem}.image.npy", mmap_mode="r").dtype, ChunkedVolume(f"{stem}.label.chunks").dtype)
     assert {c for c, (img, _) in dtypes.items() if img == np.uint16} == set(trained["wide"])
     assert {img for img, _ in dtypes.values()} == {np.dtype(np.uint8), np.dtype(np.uint16)}
     assert {lab for _, lab in dtypes.values()} == {np.dtype(np.uint8)}

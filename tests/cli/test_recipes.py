@@ -45,6 +45,8 @@ def test_recipe_keys_exist_and_its_network_trains_at_its_patch(name):
 def test_command_line_wins_over_the_recipe_and_bad_recipes_are_one_line(tmp_path):
     merged = cli.with_recipe("kaggle_2xT4", {"epochs": 3}, KNOWN, "the configs")
     assert merged["epochs"] == 3 and merged["architecture"] == "dynunet" and merged["ema"] is True
+    # the store (~29 GB for the Kaggle set) on the scratch disk, not in /kaggle/working (20 GB kept)
+    assert Path(merged["cache_dir"]).is_absolute() and not merged["cache_dir"].startswith("/kaggle/working")
     bad = tmp_path / "mine.yaml"
     bad.write_text("architecture: dynunet\nepoch: 3\n")
     with pytest.raises(ValueError, match=r"recipe .*mine.yaml: unknown setting\(s\) 'epoch' \(did you mean 'epochs'"):

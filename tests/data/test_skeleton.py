@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 from skimage.morphology import dilation, skeletonize
 
+from pipeline.data.chunked import ChunkedVolume
 from pipeline.data.datalist import prepare_datalists
 from pipeline.data.store import StoreDataset, build_store, tubed_skeleton
 from pipeline.training.losses import MaskedDiceBCELoss
@@ -31,7 +32,7 @@ def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
 
 
 def _mtimes(cache: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix in (".npy", ".json")}
+    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix in (".npy", ".chunks", ".json")}
 
 
 def test_tubed_skeleton_is_the_papers_on_the_surface_only() -> None:
@@ -51,7 +52,7 @@ def test_skeleton_built_once_for_existing_entries_and_broken_one_rebuilt(dataset
     lists = prepare_datalists(dataset, check=False)
     cache = tmp_path / "store"
     plain = build_store(lists, cache)
-    assert not list(cache.glob("*.skeleton.npy")) and "skeleton" not in plain["train"][0]
+    assert not list(cache.glob("*.skeleton.chunks")) and "skeleton" not in plain["train"][0]
     before = _mtimes(cache)
 
     with caplog.at_level(logging.INFO):
@@ -61,8 +62,8 @@ def test_skeleton_built_once_for_existing_entries_and_broken_one_rebuilt(dataset
     assert sorted(set(after) - set(before)) == sorted(Path(it["skeleton"]).name for it in store["train"])
     assert all("skeleton" not in it for it in store["val"])  # validation never sees it
     for item in store["train"]:
-        skeleton = np.load(item["skeleton"])
-        assert np.array_equal(skeleton, tubed_skeleton(np.load(item["label"])))
+        skeleton = np.asarray(ChunkedVolume(item["skeleton"]))
+        assert np.array_equal(skeleton, tubed_skeleton(np.asarray(ChunkedVolume(item["label"]))))
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -70,13 +71,13 @@ def test_skeleton_built_once_for_existing_entries_and_broken_one_rebuilt(dataset
     assert "0 built by this process" in caplog.text and _mtimes(cache) == after  # reused, nothing touched
 
     broken = Path(store["train"][0]["skeleton"])
-    good = np.load(broken)
-    broken.write_bytes(broken.read_bytes()[:-1000])
+    good = np.asarray(ChunkedVolume(broken))
+    broken.write_bytes(broken.read_bytes()[:-10])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         again = build_store(lists, cache, skeletons=["train"])
     assert f"rebuilding {broken}: truncated" in caplog.text
-    assert np.array_equal(np.load(again["train"][0]["skeleton"]), good)
+    assert np.array_equal(np.asarray(ChunkedVolume(again["train"][0]["skeleton"])), good)
     assert {n: t for n, t in _mtimes(cache).items() if n != broken.name} == {n: t for n, t in after.items() if n != broken.name}
 
 
@@ -157,7 +158,7 @@ def test_one_epoch_with_skeleton_recall_through_train_yaml(dataset: Path, tmp_pa
 
     trainer.run()
     assert targets and all(t[1] == 2 for t in targets) and all(np.isfinite(losses))
-    assert len(list((tmp_path / "store").glob("*.skeleton.npy"))) == len(parser.get_parsed_content("datalists")["train"])
+    assert len(list((tmp_path / "store").glob("*.skeleton.chunks"))) == len(parser.get_parsed_content("datalists")["train"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert all(out["label"].shape[0] == 1 for out in evaluator.state.output)  # validation sees the label only
     assert (tmp_path / "models" / "model.pt").is_file()

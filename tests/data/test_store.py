@@ -21,6 +21,7 @@ from monai.transforms import RandFlipd, RandRotate90d
 
 from pipeline.data import store as store_mod
 from pipeline.data.augment import DeviceAugment
+from pipeline.data.chunked import ChunkedVolume
 from pipeline.data.datalist import DatasetError, prepare_datalists, validation_subset
 from pipeline.data.store import StoreDataset, StoreError, build_store, choose_mode
 from tests.conftest import CONFIGS, TINY_TRAIN
@@ -38,7 +39,7 @@ def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
 
 
 def _store_files(cache_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir() if p.suffix in (".npy", ".json")}
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir() if p.suffix in (".npy", ".chunks", ".json")}
 
 
 def test_round_trip_crop_equals_crop_of_original(dataset: Path, tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_bad_store_folder_full_disk_and_changing_source(dataset: Path, tmp_path:
     with pytest.raises(StoreError, match=r"\.image\.npy: disk full while writing the volume store"):
         build_store(lists, cache, workers=1)
     monkeypatch.undo()
-    assert not list(cache.glob("*.json")) and not list(cache.glob("*.npy"))  # nothing half-written looks valid
+    assert not list(cache.glob("*.json")) and not list(cache.glob("*.npy")) and not list(cache.glob("*.chunks"))  # nothing half-written looks valid
 
     real_read = store_mod.read_volume
 
@@ -249,7 +250,7 @@ def test_exact_mid_epoch_resume_through_the_store(dataset: Path, tmp_path: Path,
     assert sorted(resumed) == [4, 5, 6]
     assert {k: reference[k] for k in resumed} == resumed  # bit-equal losses
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), ref_net.parameters(), strict=True))
-    skeletons = list(Path(run.get_parsed_content("cache_dir")).glob("*.skeleton.npy"))
+    skeletons = list(Path(run.get_parsed_content("cache_dir")).glob("*.skeleton.chunks"))
     assert bool(skeletons) == bool(run.get_parsed_content("skeleton_recall_weight"))  # built only when the loss uses them
     if extra.get("ema"):  # the average continued bit for bit, and it is not the raw network
         ema, ref_ema = run.get_parsed_content("ema_handler"), ref.get_parsed_content("ema_handler")
@@ -299,9 +300,9 @@ def test_uint16_image_is_kept_and_normalises_as_its_uint8_source(tiny_dataset: P
     plain = build_store(prepare_datalists(tiny_dataset, check=False), tmp_path / "plain")
     item, ref = store["train"][0], plain["train"][0]
     assert item["id"] == ref["id"] == case["id"] and item["image_dtype"] == "uint16" and ref["image_dtype"] == "uint8"
-    image, label = np.load(item["image"]), np.load(item["label"])
+    image, label = np.load(item["image"]), np.asarray(ChunkedVolume(item["label"]))
     assert image.dtype == np.uint16 and np.array_equal(image, wide)  # 2 bytes per voxel, values untouched
-    assert label.dtype == np.uint8 and np.array_equal(label, np.load(ref["label"]))
+    assert label.dtype == np.uint8 and np.array_equal(label, np.asarray(ChunkedVolume(ref["label"])))
     assert Path(item["image"]).stat().st_size == pytest.approx(2 * wide.size, abs=256)
     assert item["image_stats"] == pytest.approx([wide.mean(dtype=np.float64), wide.std(dtype=np.float64)], rel=1e-9)
     assert all(it["image_dtype"] == "uint8" for it in store["train"][1:] + store["val"])
