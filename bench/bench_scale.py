@@ -3,7 +3,7 @@
 Prints, measured in this run:
 
 0. the store on disk with skeletons, bytes per voxel: before (format 1: image, label and skeleton as uncompressed
-   ``.npy``) and after (label and skeleton chunked zstd, ``pipeline.data.chunked``); the tubed skeleton's CPU
+   ``.npy``) and after (label and skeleton packed in one byte, chunked zstd, ``pipeline.data.chunked``); the tubed skeleton's CPU
    seconds per volume;
 1. loader patches per CPU-second of one thread at 64^3 and 128^3 from 320^3 volumes, train.yaml's crop and
    augmentation, memory-mapped: before (format 1's files) and after (this store);
@@ -99,23 +99,28 @@ def _format1(items: list[dict]) -> list[dict]:
     import numpy as np
 
     from pipeline.data.chunked import ChunkedVolume
+    from pipeline.data.store import LABEL_BITS, SKELETON_SHIFT
 
     out = []
     for item in items:
         item = dict(item)
-        for key in ("label", "skeleton"):
+        packed = None
+        for key, (bits, shift) in (("label", (LABEL_BITS, 0)), ("skeleton", (1, SKELETON_SHIFT))):
             if key in item:
-                npy = item[key].replace(".chunks", ".npy")
+                npy = item["label"].replace(".label.chunks", f".{key}.npy")
                 if not Path(npy).is_file():
-                    np.save(npy, np.asarray(ChunkedVolume(item[key])))
+                    packed = np.asarray(ChunkedVolume(item["label"])) if packed is None else packed
+                    np.save(npy, (packed >> shift) & bits)
                 item[key] = npy
         out.append(item)
     return out
 
 
-def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tuple[float, float]]:
+def loader_rate(data: Path, store_dir: Path, patch: int, visits: int, on_device: bool = False, rounds: int = 5) -> list[tuple[float, float]]:
     """Patches per CPU-second and per wall second of one thread, memory-mapped, with train.yaml's crop and
-    augmentation: before (format 1: label and skeleton uncompressed ``.npy``) and after (this store: chunked zstd)."""
+    augmentation (``on_device``: the augmentation left to the GPU, as on CUDA, so the CPU only crops and normalises):
+    before (format 1: label and skeleton uncompressed ``.npy``) and after (this store: packed, chunked LZ4), as the
+    medians of interleaved rounds, then (the median of the rounds' after/before ratios, nan)."""
     import numpy as np
     import torch
     from monai.bundle import ConfigParser
@@ -136,7 +141,7 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tu
     two = {"train": lists["train"][:2], "val": []}
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
-    parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap"})
+    parser.update({"patch_size": [patch] * 3, "num_workers": 0, "store_mode": "mmap", "augment_on_device": on_device})
     parser["datalists"] = two
     # the store the config's crop reads: with skeletons when its skeleton recall loss is on (train.yaml's default)
     skeleton = parser.get_parsed_content("skeleton_recall_weight")
@@ -144,14 +149,23 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int) -> list[tu
     parser.get_parsed_content("imports")
     after = parser.get_parsed_content("train#dataset")
     before = Format1(_format1(store["train"]), transform=after.transform, mode="mmap")
-    rates = []
     for ds in (before, after):
         ds[0], ds[1]  # warm: page cache, first-call set-up
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = 0
-        for i in range(visits):
-            n += len(ds[i % 2])
-        rates.append((n / (time.process_time() - c0), n / (time.perf_counter() - t0)))
+    # interleaved rounds (before, after, before, ...): a shared machine's drift hits both alike; the median round's
+    # ratio
+    cpu: dict[int, list[float]] = {0: [], 1: []}
+    wall: dict[int, list[float]] = {0: [], 1: []}
+    per_round = max(2, visits // rounds)
+    for r in range(rounds):
+        for k, ds in enumerate((before, after)):
+            ds.transform.set_random_state(seed=r)  # the same crops and augmentation draws for both: only the files differ
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = sum(len(ds[i % 2]) for i in range(per_round))
+            cpu[k].append(n / (time.process_time() - c0))
+            wall[k].append(n / (time.perf_counter() - t0))
+    ratio = statistics.median(a / b for a, b in zip(cpu[1], cpu[0], strict=True))
+    rates = [(statistics.median(cpu[k]), statistics.median(wall[k])) for k in (0, 1)]
+    rates.append((ratio, float("nan")))
     return rates
 
 
@@ -162,21 +176,22 @@ def store_footprint(data: Path, store_dir: Path, n_skeleton: int = 2) -> dict:
 
     from pipeline.data.chunked import ChunkedVolume
     from pipeline.data.datalist import prepare_datalists
-    from pipeline.data.store import build_store, tubed_skeleton
+    from pipeline.data.store import LABEL_BITS, build_store, tubed_skeleton
 
     lists = prepare_datalists(data, check=False)
-    store = build_store({"train": lists["train"]}, store_dir, skeletons=["train"])["train"]
+    store = build_store({"train": lists["train"] + lists["val"]}, store_dir, skeletons=["train"])["train"]
     voxels = sum(int(np.prod(it["shape"])) for it in store)
-    files = [Path(it[k]) for it in store for k in ("image", "label", "skeleton", "centres")]
+    files = [Path(it[k]) for it in store for k in ("image", "label", "centres")]  # the skeleton is in the label file
     after = sum(f.stat().st_size for f in files)
     before = sum(Path(it["image"]).stat().st_size + Path(it["centres"]).stat().st_size + 2 * int(np.prod(it["shape"])) for it in store)
     seconds = []
     for it in store[:n_skeleton]:
-        label = np.asarray(ChunkedVolume(it["label"]))
+        label = np.asarray(ChunkedVolume(it["label"])) & LABEL_BITS
         c0 = time.process_time()
         tubed_skeleton(label)
         seconds.append(time.process_time() - c0)
-    parts = {k: sum(Path(it[k]).stat().st_size for it in store) / voxels for k in ("image", "label", "skeleton", "centres")}
+    parts = {name: sum(Path(it[key]).stat().st_size for it in store) / voxels
+             for name, key in (("image", "image"), ("label + skeleton", "label"), ("centres", "centres"))}
     return {"volumes": len(store), "before": before / voxels, "after": after / voxels, "parts": parts,
             "skeleton_s": statistics.mean(seconds)}
 
@@ -339,11 +354,13 @@ def main() -> int:
               f"{f['before']:.3f} bytes per voxel, after {f['after']:.3f} ({parts}), x{f['after'] / f['before']:.3f}")
         print(f"tubed skeleton: {f['skeleton_s']:.1f} s of CPU per 320^3 volume (one thread)", flush=True)
     if "loader" not in skip:
-        print("\n== loader, one thread, patches from 320^3 volumes (train.yaml's crop and augmentation, memory-mapped)")
-        for patch in (64, 128):
-            (before, before_wall), (after, after_wall) = loader_rate(data, work / "store", patch, args.visits)
-            print(f"{patch}^3: before (format 1: .npy label/skeleton) {before:.1f} patches per CPU-second, after (chunked zstd) "
-                  f"{after:.1f}, x{after / before:.3f} (wall clock on this shared machine: {before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
+        print("\n== loader, one thread, patches from 320^3 volumes (train.yaml's crop, memory-mapped)")
+        for on_device, what in ((False, "CPU augmentation (CPU training)"), (True, "augmentation on the GPU (CUDA default)")):
+            for patch in (64, 128):
+                (before, before_wall), (after, after_wall), (ratio, _) = loader_rate(data, work / "store", patch, args.visits, on_device)
+                print(f"{what}, {patch}^3: before (format 1: .npy label/skeleton) {before:.1f} patches per CPU-second, "
+                      f"after (packed, chunked LZ4) {after:.1f}, x{ratio:.3f} (median of 5 interleaved rounds; wall clock on this shared machine: "
+                      f"{before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
     if "val" not in skip:
         step = next((r["s_per_it"] for r in results if r.get("name") == "second_run_mmap" and r["rc"] == 0), None)
         if step is not None:

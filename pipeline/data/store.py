@@ -1,22 +1,24 @@
 """A preprocessed volume store: every training volume decoded once into files that every run, resume, DDP rank
 and loader worker memory-maps (nnU-Net's preprocessed data, in MONAI's idiom): the image uncompressed, the label
-and skeleton compressed in chunks (about 1.1 bytes per voxel on disk with skeletons, for a uint8 image).
+and skeleton packed into one byte and compressed in chunks (about 1.1 bytes per voxel on disk with skeletons, for a
+uint8 image).
 
 Decoding an LZW TIFF of 320^3 takes seconds; ``CacheDataset`` repeats it at every start and holds the decoded set
 in each process's memory. The store does it once per machine and keeps, per case, in ``cache_dir``::
 
     <id>-<key>.image.npy        uint8 or uint16 (Z, Y, X): the source's dtype (1 or 2 bytes per voxel)
-    <id>-<key>.label.chunks     uint8 (Z, Y, X), 0 background, 1 surface, 2 unlabeled; zstd in 64^3 chunks
+    <id>-<key>.label.chunks     uint8 (Z, Y, X), LZ4 in 64^3 chunks: bits 0-1 the label (0 background, 1 surface,
+                                2 unlabeled), bit 2 the tubed skeleton of the surface (only for the cases of the
+                                lists named in ``skeletons``; the .json says whether it is there)
     <id>-<key>.centres.npy      int32 flat voxel indices: a bounded random sample of each class's voxels (crop centres)
-    <id>-<key>.skeleton.chunks  uint8 (Z, Y, X) tubed skeleton of the surface, chunked like the label (only for the
-                                lists named in ``skeletons``)
-    <id>-<key>.json             shape, image dtype, intensity mean/std, centres per class, the sources it was built from
+    <id>-<key>.json             shape, image dtype, intensity mean/std, centres per class, skeleton or not, the
+                                sources it was built from
 
-On disk, per voxel (320^3 synthetic scrolls, uint8 images): image 1.0, label ~0.03, skeleton ~0.02, centres ~0.05
+On disk, per voxel (320^3 synthetic scrolls, uint8 images): image 1.0, label with skeleton ~0.06, centres ~0.05
 (200,000 per class): ~1.1 bytes, against 3.0 for the uncompressed ``.npy`` files of format 1. The image stays
-uncompressed: a crop of it is a memory-mapped slice, and scroll CT compresses losslessly to ~0.9 only. The label
-and skeleton are read through :class:`pipeline.data.chunked.ChunkedVolume`, which decodes only the chunks a crop
-touches (~3.5 ms of one core for a 128^3 crop of each).
+uncompressed: a crop of it is a memory-mapped slice, and CT noise compresses little (the synthetic images: 0.89 with
+zstd). The label and skeleton share one file so that a crop decodes the chunks it touches once for both
+(:class:`PackedVolume` over :class:`pipeline.data.chunked.ChunkedVolume`).
 
 Images keep their dtype: a uint8 image stays uint8, a uint16 one (full-resolution scroll CT) stays uint16, since
 the network input is z-scored with the whole volume's statistics (``transforms.intensity.NormalizeWithStatsd``),
@@ -32,8 +34,8 @@ An entry whose files are missing, truncated or unreadable is rebuilt with a warn
 builders of one entry (two runs, or ranks sharing a folder) serialise on a ``fcntl`` lock per entry.
 
 The skeleton (skeleton recall loss, ``pipeline.training.losses``) costs seconds per volume (:func:`tubed_skeleton`), so it
-is built only when asked for, once: a finished entry that lacks it gets it from its stored label, image and label
-untouched; a broken one is rebuilt with a warning, like the other arrays.
+is built only when asked for, once: a finished entry that lacks it gets it from its stored label (the label file is
+rewritten with the skeleton bit, then the .json says so; image and centres untouched).
 
 Under DDP the ranks of a machine split the entries to build, then wait at a barrier; every rank then opens the
 same files with ``np.load(mmap_mode="r")``, so the OS page cache holds the hot part once for all of them.
@@ -74,7 +76,11 @@ from pipeline.utils.memory import available_memory
 from transforms.io import VolumeError, read_volume
 
 __all__ = [
+    "LABEL_BITS",
     "PREPROCESS_VERSION",
+    "SKELETON_SHIFT",
+    "PackedField",
+    "PackedVolume",
     "STORE_MODES",
     "StoreError",
     "entry_key",
@@ -89,13 +95,15 @@ logger = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 2
 """Bump when what an entry holds changes: every entry is then rebuilt. 1: uncompressed ``.npy`` label and skeleton;
-2: chunked zstd label and skeleton (:mod:`pipeline.data.chunked`)."""
+2: label and skeleton packed in one chunked LZ4 file (:mod:`pipeline.data.chunked`)."""
 STORE_MODES = ("auto", "ram", "mmap")
 LABEL_CLASSES = (0, 1)  # crop-centre classes; 2 (unlabeled) is never a centre
 _ARRAYS = ("image", "label", "centres")
-_CHUNKED = ("label", "skeleton")  # compressed chunked volumes; the others are .npy files
-_CHUNKED_BYTES = {"label": 0.25, "skeleton": 0.125}  # bounds of their bytes per voxel for the disk check (measured
-# ~0.03 and ~0.02 on synthetic scrolls; zstd of 2 bits of entropy per voxel at worst: 0.25)
+_CHUNKED = ("label",)  # compressed chunked volumes; the others are .npy files
+_LABEL_BYTES = 0.375  # bound of the packed label's bytes per voxel for the disk check (measured ~0.06 with the
+# skeleton on synthetic scrolls; its 3 bits of entropy per voxel at worst)
+LABEL_BITS = 0b011  # the packed label file: the label in bits 0-1,
+SKELETON_SHIFT = 2  # the skeleton in bit 2
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))  # what the store keeps an image as
 SKELETON = "skeleton"
 SKELETON_TUBE = 2  # dilations of the skeleton, as the paper's "tubed skeleton" (nnU-Net: dilation(dilation(skel)))
@@ -183,9 +191,8 @@ class _Entry:
         return None
 
     def skeleton_problem(self) -> str | None:
-        """None when the skeleton file of a complete entry is valid, else what is wrong with it (``"missing"``)."""
-        shape = tuple(json.loads(self.meta_path.read_text())["shape"])
-        return chunked_problem(self.path(SKELETON), shape, np.dtype(np.uint8))
+        """None when a complete entry's label file holds the skeleton, else ``"missing"``."""
+        return None if json.loads(self.meta_path.read_text()).get(SKELETON) else "missing"
 
     def todo(self, skeleton: bool) -> tuple[str | None, str | None]:
         """(what is wrong with the entry, what is wrong with its skeleton when ``skeleton``); (None, None): ready."""
@@ -196,10 +203,10 @@ class _Entry:
 
     def item(self, skeleton: bool = False) -> dict:
         """The datalist item of the built entry: the case's own keys, the store files, statistics and centres (and
-        the skeleton file when ``skeleton``)."""
+        ``skeleton``, the same packed label file, when ``skeleton``)."""
         meta = json.loads(self.meta_path.read_text())
         return {
-            **({SKELETON: str(self.path(SKELETON))} if skeleton else {}),
+            **({SKELETON: str(self.path("label"))} if skeleton else {}),
             **{k: v for k, v in self.case.items() if k not in ("image", "label")},
             "source_image": self.case["image"],
             "image": str(self.path("image")),
@@ -288,9 +295,9 @@ def tubed_skeleton(label: np.ndarray, tube: int = SKELETON_TUBE) -> np.ndarray:
     return (skeleton & surface).astype(np.uint8)
 
 
-def _write_skeleton(entry: _Entry, label: np.ndarray) -> None:
-    skeleton = tubed_skeleton(label)
-    _write(entry.path(SKELETON), lambda f: write_chunked(f, skeleton))
+def _pack(label: np.ndarray) -> np.ndarray:
+    """The label with its tubed skeleton in bit 2 (:data:`SKELETON_SHIFT`)."""
+    return label | (tubed_skeleton(label) << SKELETON_SHIFT)
 
 
 def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skeleton: bool = False) -> bool:
@@ -302,10 +309,11 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
             problem, skeleton_problem = entry.todo(skeleton)
             if problem is None and skeleton_problem is None:
                 return False
-            if problem is None:  # a finished entry without a valid skeleton: only the skeleton is built
-                if skeleton_problem != "missing":
-                    logger.warning("volume store: rebuilding %s: %s", entry.path(SKELETON), skeleton_problem)
-                _write_skeleton(entry, np.asarray(ChunkedVolume(entry.path("label"))))
+            if problem is None:  # a finished entry without the skeleton: the label file gets it, then the .json says so
+                packed = _pack(np.asarray(ChunkedVolume(entry.path("label"))) & LABEL_BITS)
+                _write(entry.path("label"), lambda f: write_chunked(f, packed))
+                meta = {**json.loads(entry.meta_path.read_text()), SKELETON: True}
+                _write(entry.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
                 return True
             if problem != "not built":
                 logger.warning("volume store: rebuilding %s", problem)
@@ -327,16 +335,16 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
                 raise DatasetError(msg)
             rng = np.random.default_rng([seed, int(entry.key, 16) % 2**32])
             centres, counts = _centres(label, max_per_class, rng)
+            stored_label = _pack(label) if skeleton else label
             _write(entry.path("image"), lambda f: np.save(f, image, allow_pickle=False))
-            _write(entry.path("label"), lambda f: write_chunked(f, label))
+            _write(entry.path("label"), lambda f: write_chunked(f, stored_label))
             _write(entry.path("centres"), lambda f: np.save(f, centres, allow_pickle=False))
-            if skeleton:
-                _write_skeleton(entry, label)
             meta = {
                 "shape": list(image.shape),
                 "image_dtype": image.dtype.name,
                 "image_stats": [float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))],
                 "centres_per_class": counts,
+                SKELETON: bool(skeleton),
                 "sources": entry.sources,
             }
             _write(entry.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
@@ -359,7 +367,7 @@ def _remove_stale(entry: _Entry) -> None:
         if same_source:
             stem = meta_path.with_suffix("")
             for name in (*_ARRAYS, SKELETON):
-                for suffix in ("npy", "chunks"):  # this format's files and format 1's
+                for suffix in ("npy", "chunks"):  # this format's files and format 1's (.npy label and skeleton)
                     stem.with_name(f"{stem.name}.{name}.{suffix}").unlink(missing_ok=True)
             stem.with_name(stem.name + ".lock").unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
@@ -381,7 +389,7 @@ def _log_old_format(cache_dir: Path, entries: Sequence[_Entry]) -> None:
         found = ", ".join(f"{n} of format {v}" for v, n in sorted(old.items(), key=lambda kv: str(kv[0])))
         logger.info(
             "volume store %s: rebuilding the entries of an older format (%s) in format %d (label and skeleton "
-            "compressed); their old files are removed as each is rebuilt", cache_dir, found, PREPROCESS_VERSION,
+            "packed and compressed); their old files are removed as each is rebuilt", cache_dir, found, PREPROCESS_VERSION,
         )
 
 
@@ -405,12 +413,12 @@ def _check_space(cache_dir: Path, todo: list[tuple[_Entry, str | None, str | Non
         except VolumeError as err:
             raise DatasetError(str(err)) from err
         # bytes per voxel: image (1 or 2: a wider integer image is stored as at most uint16), centres (4 bytes each),
-        # and the compressed label and skeleton at their bounds
+        # and the compressed label (with the skeleton) at its bound; an entry getting its skeleton rewrites its label
         n = int(np.prod(shape))
         if problem is not None:
-            need += (min(dtype.itemsize, 2) + _CHUNKED_BYTES["label"]) * n + 4 * len(LABEL_CLASSES) * max_centres_per_class
-        if skeleton_problem is not None:
-            need += _CHUNKED_BYTES[SKELETON] * n
+            need += (min(dtype.itemsize, 2) + _LABEL_BYTES) * n + 4 * len(LABEL_CLASSES) * max_centres_per_class
+        elif skeleton_problem is not None:
+            need += _LABEL_BYTES * n
     need = int(need)
     free = shutil.disk_usage(cache_dir).free
     if need > free:
@@ -518,7 +526,7 @@ def build_store(
                 msg = f"{problem} after the build (another process writing to {cache_dir}?)"
                 raise StoreError(msg)
             if skeleton_problem is not None:
-                msg = f"{e.path(SKELETON)}: {skeleton_problem} after the build (another rank failed, or another process writing to {cache_dir}?)"
+                msg = f"{e.meta_path}: skeleton {skeleton_problem} after the build (another rank failed, or another process writing to {cache_dir}?)"
                 raise StoreError(msg)
         items[name] = [e.item(skeleton=name in skeletons) for e in es]
     logger.info("volume store %s: %d volumes ready (%d built by this process)", cache_dir, len(unique), built)
@@ -558,6 +566,64 @@ def choose_mode(items: Sequence[dict], mode: str = "auto", copies: int | None = 
     return mode
 
 
+class PackedVolume:
+    """The packed label file of an entry, read window by window. The last window decoded in this process is kept
+    (one, for all entries: memory stays one crop's), so cutting the label and then the skeleton of a crop decodes
+    its chunks once."""
+
+    _last: tuple[Any, np.ndarray] | None = None  # ((path, window), decoded array), shared by every entry
+
+    def __init__(self, volume: ChunkedVolume) -> None:
+        self.volume = volume
+        self.shape, self.dtype, self.ndim = volume.shape, volume.dtype, volume.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        window = key if isinstance(key, tuple) else (key,)
+        tag = (self.volume.path, tuple((k.start, k.stop, k.step) if isinstance(k, slice) else k for k in window))
+        last = PackedVolume._last  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] == tag:
+            return last[1]
+        decoded = self.volume[key]
+        PackedVolume._last = (tag, decoded)
+        return decoded
+
+
+class PackedField:
+    """One field of a packed label array (``(packed >> shift) & bits``), sliced like an array: a crop's window
+    (``field[z0:z1, y0:y1, x0:x1]``, a new array) or the whole volume (``np.asarray(field)``)."""
+
+    def __init__(self, packed: PackedVolume | np.ndarray, bits: int, shift: int) -> None:
+        self.packed, self.bits, self.shift = packed, bits, shift
+        self.shape, self.dtype, self.ndim = packed.shape, np.dtype(np.uint8), 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _unpack(self.packed[key], self.bits, self.shift)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        # the whole volume (validation) bypasses the window cache: it would hold a volume instead of a crop
+        packed = np.asarray(self.packed.volume) if isinstance(self.packed, PackedVolume) else self.packed
+        out = _unpack(packed, self.bits, self.shift)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _unpack(packed: np.ndarray, bits: int, shift: int) -> np.ndarray:
+    """``(packed >> shift) & bits`` in one pass where one suffices (the top field needs no mask, the bottom no
+    shift): a 128^3 crop is cut twice per sample."""
+    if shift == 0:
+        return np.bitwise_and(packed, bits)
+    out = np.right_shift(packed, shift)
+    if (0xFF >> shift) & ~bits:  # bits above the field: mask them
+        np.bitwise_and(out, bits, out=out)
+    return out
+
+
+def _field(packed: PackedVolume | np.ndarray, bits: int, shift: int) -> PackedField | np.ndarray:
+    """A field of the packed label: computed now from an array in RAM, lazily from a mapped :class:`PackedVolume`."""
+    if isinstance(packed, np.ndarray):
+        return _unpack(packed, bits, shift)
+    return PackedField(packed, bits, shift)
+
+
 class StoreDataset(Dataset):
     """A MONAI ``Dataset`` over store items (:func:`build_store`) whose arrays are either read into RAM at
     construction (the label and skeleton decoded) or memory-mapped (``np.load(mmap_mode="r")`` and
@@ -592,10 +658,15 @@ class StoreDataset(Dataset):
     def _open(self, index: int, mmap_mode: str | None) -> dict[str, Any]:
         item = self.data[index]
         arrays = {}
-        for name in (*_ARRAYS, SKELETON) if SKELETON in item else _ARRAYS:
+        for name in _ARRAYS:
             try:
-                if name in _CHUNKED:  # decoded window by window when mapped, at once in RAM
-                    arrays[name] = ChunkedVolume(item[name]) if mmap_mode else np.asarray(ChunkedVolume(item[name]))
+                if name == "label":  # label and skeleton from the packed file: windows when mapped, at once in RAM
+                    packed = PackedVolume(ChunkedVolume(item[name]))
+                    if not mmap_mode:
+                        packed = np.asarray(packed.volume)
+                    arrays["label"] = _field(packed, LABEL_BITS, 0)
+                    if SKELETON in item:
+                        arrays[SKELETON] = _field(packed, 1, SKELETON_SHIFT)
                 else:
                     arrays[name] = np.load(item[name], mmap_mode=mmap_mode, allow_pickle=False)
             except (OSError, ValueError) as e:

@@ -1,5 +1,5 @@
 """Compressed chunked volumes: any window reads as numpy's slice would, a damaged file is named, and the store
-keeps labels and skeletons in them (an older store format is rebuilt once, with one log line)."""
+keeps its labels (with the skeletons packed in) in them (an older store format is rebuilt once, with one log line)."""
 
 from __future__ import annotations
 
@@ -83,11 +83,40 @@ def test_store_keeps_label_and_skeleton_compressed_and_rebuilds_an_older_format(
     left = {p for p in cache.iterdir() if any(p.name.startswith(s.name + ".") for s in old_stems)}
     assert not left, left  # the old entries' files are gone
     for item in store["train"]:
-        assert item["label"].endswith(".label.chunks") and item["skeleton"].endswith(".skeleton.chunks")
+        assert item["label"].endswith(".label.chunks") and item["skeleton"] == item["label"]  # packed in one file
         shape = tuple(item["shape"])
         assert ChunkedVolume(item["label"]).shape == shape
         assert Path(item["label"]).stat().st_size < 0.25 * np.prod(shape)
+        assert Path(item["image"]).stat().st_size == pytest.approx(np.prod(shape), abs=256)  # uncompressed: mapped
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline.data.store"):
         build_store(lists, cache, skeletons=["train"])
     assert "older format" not in caplog.text and "0 built by this process" in caplog.text
+
+
+def test_a_crop_decodes_label_and_skeleton_once(tiny_dataset: Path, tmp_path, monkeypatch):
+    """The skeleton is packed with the label: cutting both from one window decodes its chunks once, and the cache
+    holds one window for all entries (a whole volume, as validation reads it, is not kept)."""
+    from pipeline.data.store import PackedVolume, StoreDataset
+    from transforms.crop import RandCropByStoredCentresd
+
+    lists = prepare_datalists(tiny_dataset, check=False)
+    store = build_store({"train": lists["train"]}, tmp_path / "store", skeletons=["train"])
+    reads = []
+    real = ChunkedVolume.read
+    monkeypatch.setattr(ChunkedVolume, "read", lambda self, window: reads.append(window) or real(self, window))
+    crop = RandCropByStoredCentresd(["image", "label", "skeleton"], spatial_size=[16, 16, 16], num_samples=3).set_random_state(0)
+    ds = StoreDataset(store["train"], transform=crop, mode="mmap")
+    for i in range(len(ds)):
+        reads.clear()
+        patches = ds[i]
+        assert len(reads) == 3  # one decode per window, for label and skeleton together
+        for patch in patches:
+            label, skeleton = np.asarray(patch["label"]), np.asarray(patch["skeleton"])
+            assert set(np.unique(label)) <= {0, 1, 2} and set(np.unique(skeleton)) <= {0, 1}
+            assert not (skeleton.astype(bool) & (label != 1)).any()  # on the surface only
+    last = PackedVolume._last
+    assert last is not None and last[1].size <= 16**3
+    whole = StoreDataset(store["train"][:1], mode="mmap")[0]
+    assert np.array_equal(np.asarray(whole["label"]), np.asarray(ChunkedVolume(store["train"][0]["label"])) & 3)
+    assert PackedVolume._last is last  # the whole volume bypassed the window cache

@@ -4,6 +4,7 @@ the label's window (transforms.crop), augmented with it as the target's second c
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -52,33 +53,42 @@ def test_skeleton_built_once_for_existing_entries_and_broken_one_rebuilt(dataset
     lists = prepare_datalists(dataset, check=False)
     cache = tmp_path / "store"
     plain = build_store(lists, cache)
-    assert not list(cache.glob("*.skeleton.chunks")) and "skeleton" not in plain["train"][0]
+    assert "skeleton" not in plain["train"][0]
+    assert not any(json.loads(m.read_text())["skeleton"] for m in cache.glob("*.json"))
     before = _mtimes(cache)
+    labels = {it["id"]: np.asarray(ChunkedVolume(it["label"])) for it in plain["train"]}
 
     with caplog.at_level(logging.INFO):
         store = build_store(lists, cache, skeletons=["train"])
     after = _mtimes(cache)
-    assert {n: after[n] for n in before} == before  # image, label, centres and .json untouched
-    assert sorted(set(after) - set(before)) == sorted(Path(it["skeleton"]).name for it in store["train"])
+    rewritten = {Path(it["label"]).name for it in store["train"]} | {Path(it["label"]).name.replace(".label.chunks", ".json") for it in store["train"]}
+    assert {n for n in before if before[n] != after[n]} == rewritten  # image and centres untouched
     assert all("skeleton" not in it for it in store["val"])  # validation never sees it
     for item in store["train"]:
-        skeleton = np.asarray(ChunkedVolume(item["skeleton"]))
-        assert np.array_equal(skeleton, tubed_skeleton(np.asarray(ChunkedVolume(item["label"]))))
+        packed = np.asarray(ChunkedVolume(item["label"]))
+        assert item["skeleton"] == item["label"]  # one file, two fields
+        assert np.array_equal(packed & 3, labels[item["id"]])  # the label's values untouched
+        assert np.array_equal(packed >> 2, tubed_skeleton(labels[item["id"]]))
+        ds = StoreDataset([item], mode="mmap")
+        assert np.array_equal(np.asarray(ds[0]["label"]), labels[item["id"]])
+        assert np.array_equal(np.asarray(ds[0]["skeleton"]), packed >> 2)
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
         build_store(lists, cache, skeletons=["train"])
     assert "0 built by this process" in caplog.text and _mtimes(cache) == after  # reused, nothing touched
 
-    broken = Path(store["train"][0]["skeleton"])
-    good = np.asarray(ChunkedVolume(broken))
+    # a store built without the skeleton reads the packed files as plain labels
+    again = build_store(lists, cache)
+    assert np.array_equal(np.asarray(StoreDataset(again["train"][:1], mode="ram")[0]["label"]), labels[again["train"][0]["id"]])
+
+    broken = Path(store["train"][0]["label"])
     broken.write_bytes(broken.read_bytes()[:-10])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again = build_store(lists, cache, skeletons=["train"])
+        rebuilt = build_store(lists, cache, skeletons=["train"])
     assert f"rebuilding {broken}: truncated" in caplog.text
-    assert np.array_equal(np.asarray(ChunkedVolume(again["train"][0]["skeleton"])), good)
-    assert {n: t for n, t in _mtimes(cache).items() if n != broken.name} == {n: t for n, t in after.items() if n != broken.name}
+    assert np.array_equal(np.asarray(ChunkedVolume(rebuilt["train"][0]["label"])) >> 2, tubed_skeleton(labels[rebuilt["train"][0]["id"]]))
 
 
 def test_crop_gives_the_skeleton_the_labels_window(dataset: Path, tmp_path: Path) -> None:
@@ -158,7 +168,8 @@ def test_one_epoch_with_skeleton_recall_through_train_yaml(dataset: Path, tmp_pa
 
     trainer.run()
     assert targets and all(t[1] == 2 for t in targets) and all(np.isfinite(losses))
-    assert len(list((tmp_path / "store").glob("*.skeleton.chunks"))) == len(parser.get_parsed_content("datalists")["train"])
+    with_skeleton = [m for m in (tmp_path / "store").glob("*.json") if json.loads(m.read_text())["skeleton"]]
+    assert len(with_skeleton) == len(parser.get_parsed_content("datalists")["train"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert all(out["label"].shape[0] == 1 for out in evaluator.state.output)  # validation sees the label only
     assert (tmp_path / "models" / "model.pt").is_file()
