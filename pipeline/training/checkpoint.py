@@ -151,8 +151,9 @@ class _EpochIterable:
     the state saved at the checkpoint.
     """
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, extra: Any = None) -> None:
         self.loader = loader
+        self.extra = extra  # the transforms the trainer's prepare_batch runs (augmentation on the device), if any
         self.epoch_start: RngState | None = None
         self.rewind: tuple[int, RngState, RngState] | None = None
 
@@ -167,15 +168,15 @@ class _EpochIterable:
 
     def __iter__(self) -> Iterator:
         if self.rewind is None:
-            self.epoch_start = capture_rng_state(self.loader)
+            self.epoch_start = capture_rng_state(self.loader, self.extra)
             return iter(self.loader)
         skip, self.epoch_start, at_checkpoint = self.rewind
         self.rewind = None
-        restore_rng_state(self.epoch_start, self.loader)
+        restore_rng_state(self.epoch_start, self.loader, self.extra)
         data_iter = iter(self.loader)
         for _ in range(skip):
             next(data_iter)
-        restore_rng_state(at_checkpoint, self.loader)
+        restore_rng_state(at_checkpoint, self.loader, self.extra)
         return data_iter
 
 
@@ -326,7 +327,8 @@ class TrainingCheckpointer:
             loader = loader.loader
         self._data = None
         if loader is not None:
-            self._data = _EpochIterable(loader)
+            # augmentation on the device (DeviceAugment) draws from its own transforms' random states
+            self._data = _EpochIterable(loader, getattr(getattr(engine, "prepare_batch", None), "transform", None))
             engine.state.dataloader = self._data
             if getattr(loader, "persistent_workers", False):
                 self.logger.warning(
@@ -437,7 +439,7 @@ class TrainingCheckpointer:
             "evaluator": None,
             "rng": [
                 {
-                    "now": capture_rng_state(loader),
+                    "now": capture_rng_state(loader, self._data.extra if self._data is not None else None),
                     "epoch_start": self._data.epoch_start if self._data is not None else None,
                 }
             ],
@@ -550,7 +552,8 @@ class TrainingCheckpointer:
             # the data stand-in replays the epoch when ignite creates its iterator, then restores `now`
             self._data.rewind = (in_epoch, rng["epoch_start"], rng["now"])
         elif rng is not None:
-            restore_rng_state(rng["now"], self._data.loader if self._data is not None else None)
+            data = self._data
+            restore_rng_state(rng["now"], data.loader if data is not None else None, data.extra if data is not None else None)
         where = f" ({in_epoch} of {new_length} iterations into epoch {epochs_done + 1})" if in_epoch else ""
         self.logger.info(f"Resumed from {path} at epoch {state.epoch}, iteration {state.iteration}{where}")
 

@@ -1,5 +1,6 @@
 """Every random state a training step depends on, captured and restored: torch (CPU and CUDA), numpy, ``random``,
-each ``Randomizable`` transform of the dataset and the data loader's generators. The checkpoints store them
+each ``Randomizable`` transform of the dataset and of ``extra`` (the augmentation a ``prepare_batch`` runs on the
+device: ``pipeline.data.augment.DeviceAugment``) and the data loader's generators. The checkpoints store them
 (``weights_only``-loadable: numpy states become lists and tensors) for exact resume.
 """
 
@@ -77,8 +78,9 @@ def _loader_generators(loader: Any) -> list[torch.Generator]:
     return list(unique.values())
 
 
-def capture_rng_state(loader: Any = None) -> RngState:
-    """Random state of this process and of ``loader``'s dataset transforms, as ``weights_only``-safe values."""
+def capture_rng_state(loader: Any = None, extra: Any = None) -> RngState:
+    """Random state of this process, of ``loader``'s dataset transforms and of the transforms in ``extra`` (e.g.
+    the trainer's ``prepare_batch.transform``), as ``weights_only``-safe values."""
     version, internal, gauss = random.getstate()
     state: RngState = {
         "torch": torch.get_rng_state(),
@@ -89,14 +91,14 @@ def capture_rng_state(loader: Any = None) -> RngState:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    if loader is not None:
-        dataset = getattr(loader, "dataset", None)
-        state["transforms"] = [_numpy_state_to_dict(r.get_state()) for r in _transform_random_states(dataset)]
-        state["generators"] = [g.get_state() for g in _loader_generators(loader)]
+    if loader is not None or extra is not None:
+        randoms = _transform_random_states([getattr(loader, "dataset", None), extra])
+        state["transforms"] = [_numpy_state_to_dict(r.get_state()) for r in randoms]
+        state["generators"] = [g.get_state() for g in _loader_generators(loader)] if loader is not None else []
     return state
 
 
-def restore_rng_state(state: RngState, loader: Any = None) -> None:
+def restore_rng_state(state: RngState, loader: Any = None, extra: Any = None) -> None:
     """Inverse of :func:`capture_rng_state`; a mismatch in the loader's random objects is logged and skipped."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_state_from_dict(state["numpy"]))
@@ -104,10 +106,10 @@ def restore_rng_state(state: RngState, loader: Any = None) -> None:
     random.setstate((rnd["version"], tuple(rnd["state"].tolist()), rnd["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    if loader is None:
+    if loader is None and extra is None:
         return
-    randoms = _transform_random_states(getattr(loader, "dataset", None))
-    generators = _loader_generators(loader)
+    randoms = _transform_random_states([getattr(loader, "dataset", None), extra])
+    generators = _loader_generators(loader) if loader is not None else []
     if len(randoms) != len(state["transforms"]) or len(generators) != len(state["generators"]):
         logger.warning(
             f"Data pipeline changed since the checkpoint ({len(randoms)} random transforms and {len(generators)} "
