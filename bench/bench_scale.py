@@ -5,8 +5,9 @@ Prints, measured in this run:
 0. the store on disk with skeletons, bytes per voxel: before (format 1: image, label and skeleton as uncompressed
    ``.npy``) and after (label and skeleton packed in one byte, chunked zstd, ``pipeline.data.chunked``); the tubed skeleton's CPU
    seconds per volume;
-1. loader patches per CPU-second of one thread at 64^3 and 128^3 from 320^3 volumes, train.yaml's crop and
-   augmentation, memory-mapped: before (format 1's files) and after (this store);
+1. loader patches per CPU-second of one thread at 64^3 and 128^3 from 320^3 volumes, train.yaml's crop with the
+   augmentation in the loader (CPU training) or on the GPU (CUDA), memory-mapped: before (format 1's files, the
+   float32 target cast in the loader) and after (this store and chain);
 2. the default ``python -m monai.bundle run training`` for one epoch shortened to ``--iterations`` (the CPUs
    these figures come from are shared) in runs that follow each other: first run (builds the store: its start-up is the build), second run (start-up with the store built),
    the in-RAM vs memory-mapped step, and with ``--mem-cap`` the default settings inside a cgroup-v1 memory cap,
@@ -116,14 +117,19 @@ def _format1(items: list[dict]) -> list[dict]:
     return out
 
 
-def loader_rate(data: Path, store_dir: Path, patch: int, visits: int, on_device: bool = False, rounds: int = 5) -> list[tuple[float, float]]:
-    """Patches per CPU-second and per wall second of one thread, memory-mapped, with train.yaml's crop and
-    augmentation (``on_device``: the augmentation left to the GPU, as on CUDA, so the CPU only crops and normalises):
-    before (format 1: label and skeleton uncompressed ``.npy``) and after (this store: packed, chunked LZ4), as the
-    medians of interleaved rounds, then (the median of the rounds' after/before ratios, nan)."""
+def loader_rate(data: Path, store_dir: Path, patch: int, visits: int, on_device: bool = False, rounds: int = 5) -> dict:
+    """Patches per CPU-second of one thread, memory-mapped, with train.yaml's crop (and, unless ``on_device``, its
+    augmentation in the loader; ``on_device`` is CUDA's default: the loader only crops and normalises).
+
+    Compared: ``before`` (format 1, label and skeleton uncompressed ``.npy``, and the target cast to float32 in the
+    loader, as 0.4.0 did) and ``after`` (format 2, packed chunked LZ4, and train.yaml's chain now). With
+    ``on_device`` also ``format 1, this chain``, which isolates the storage from the uint8 target. Each rate is the
+    median of interleaved rounds on the same random draws; ratios are medians of the rounds' ratios.
+    """
     import numpy as np
     import torch
     from monai.bundle import ConfigParser
+    from monai.transforms import CastToTyped, Compose
 
     from pipeline.data.datalist import prepare_datalists
     from pipeline.data.store import StoreDataset, build_store
@@ -148,25 +154,24 @@ def loader_rate(data: Path, store_dir: Path, patch: int, visits: int, on_device:
     parser["store"] = store = build_store(two, store_dir, skeletons=["train"] if skeleton else [])
     parser.get_parsed_content("imports")
     after = parser.get_parsed_content("train#dataset")
-    before = Format1(_format1(store["train"]), transform=after.transform, mode="mmap")
-    for ds in (before, after):
+    float_target = Compose([CastToTyped(t.keys, dtype=torch.float32) if isinstance(t, CastToTyped) else t
+                            for t in after.transform.transforms])  # the same transform objects: the same draws
+    old_items = _format1(store["train"])
+    datasets = {"before": Format1(old_items, transform=float_target, mode="mmap"), "after": after}
+    if on_device:
+        datasets["format 1, this chain"] = Format1(old_items, transform=after.transform, mode="mmap")
+    for ds in datasets.values():
         ds[0], ds[1]  # warm: page cache, first-call set-up
-    # interleaved rounds (before, after, before, ...): a shared machine's drift hits both alike; the median round's
-    # ratio
-    cpu: dict[int, list[float]] = {0: [], 1: []}
-    wall: dict[int, list[float]] = {0: [], 1: []}
+    cpu: dict[str, list[float]] = {name: [] for name in datasets}
     per_round = max(2, visits // rounds)
-    for r in range(rounds):
-        for k, ds in enumerate((before, after)):
-            ds.transform.set_random_state(seed=r)  # the same crops and augmentation draws for both: only the files differ
-            t0, c0 = time.perf_counter(), time.process_time()
+    for r in range(rounds):  # interleaved: a shared machine's drift hits every variant alike
+        for name, ds in datasets.items():
+            ds.transform.set_random_state(seed=r)  # the same crops and augmentation draws: only files and cast differ
+            c0 = time.process_time()
             n = sum(len(ds[i % 2]) for i in range(per_round))
-            cpu[k].append(n / (time.process_time() - c0))
-            wall[k].append(n / (time.perf_counter() - t0))
-    ratio = statistics.median(a / b for a, b in zip(cpu[1], cpu[0], strict=True))
-    rates = [(statistics.median(cpu[k]), statistics.median(wall[k])) for k in (0, 1)]
-    rates.append((ratio, float("nan")))
-    return rates
+            cpu[name].append(n / (time.process_time() - c0))
+    return {name: (statistics.median(rates), statistics.median(a / b for a, b in zip(cpu["after"], rates, strict=True)))
+            for name, rates in cpu.items()}
 
 
 def store_footprint(data: Path, store_dir: Path, n_skeleton: int = 2) -> dict:
@@ -357,10 +362,10 @@ def main() -> int:
         print("\n== loader, one thread, patches from 320^3 volumes (train.yaml's crop, memory-mapped)")
         for on_device, what in ((False, "CPU augmentation (CPU training)"), (True, "augmentation on the GPU (CUDA default)")):
             for patch in (64, 128):
-                (before, before_wall), (after, after_wall), (ratio, _) = loader_rate(data, work / "store", patch, args.visits, on_device)
-                print(f"{what}, {patch}^3: before (format 1: .npy label/skeleton) {before:.1f} patches per CPU-second, "
-                      f"after (packed, chunked LZ4) {after:.1f}, x{ratio:.3f} (median of 5 interleaved rounds; wall clock on this shared machine: "
-                      f"{before_wall:.1f} -> {after_wall:.1f} patches/s)", flush=True)
+                rates = loader_rate(data, work / "store", patch, args.visits, on_device)
+                found = ", ".join(f"{name} {rate:.1f}" for name, (rate, _) in rates.items())
+                ratios = ", ".join(f"after / {name} x{ratio:.3f}" for name, (_, ratio) in rates.items() if name != "after")
+                print(f"{what}, {patch}^3: patches per CPU-second: {found}; {ratios} (medians of 5 interleaved rounds)", flush=True)
     if "val" not in skip:
         step = next((r["s_per_it"] for r in results if r.get("name") == "second_run_mmap" and r["rc"] == 0), None)
         if step is not None:

@@ -121,6 +121,8 @@ def test_augmentation_moves_the_skeleton_with_the_label(dataset: Path, tmp_path:
     parser = _parser(dataset, tmp_path, augment_on_device=on_device, num_samples=4)
     set_determinism(3)
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    # on the device's path the loader leaves the target uint8 (the device casts it); else float32 from the loader
+    assert torch.as_tensor(batch["label"]).dtype == (torch.uint8 if on_device else torch.float32)
     _, target = parser.get_parsed_content("train#prepare_batch")(batch, torch.device("cpu"))
     assert target.shape[1:] == (2, 32, 32, 32) and target.dtype == torch.float32
     label, skeleton = target[:, 0], target[:, 1]

@@ -237,7 +237,8 @@ def _train(parser: ConfigParser, stop_at: int | None = None) -> tuple[dict[int, 
 
 @pytest.mark.parametrize(
     ("mode", "num_workers", "extra"),
-    [("mmap", 0, {}), ("mmap", 2, {}), ("ram", 0, {"skeleton_recall_weight": 0.0}), ("mmap", 0, {"ema": True, "ema_decay": 0.9, "skeleton_recall_weight": 1.0})],
+    [("mmap", 0, {}), ("mmap", 2, {}), ("ram", 0, {"skeleton_recall_weight": 0.0}), ("mmap", 0, {"ema": True, "ema_decay": 0.9, "skeleton_recall_weight": 1.0}),
+     ("mmap", 0, {"augment_on_device": True, "skeleton_recall_weight": 1.0})],  # CUDA's path: the target cast on the device
 )
 def test_exact_mid_epoch_resume_through_the_store(dataset: Path, tmp_path: Path, mode: str, num_workers: int, extra: dict) -> None:
     common = {"store_mode": mode, "num_workers": num_workers, "epochs": 3, **extra}
