@@ -3,7 +3,7 @@
 Prints, measured in this run:
 
 0. the store on disk with skeletons, bytes per voxel: before (format 1: image, label and skeleton as uncompressed
-   ``.npy``) and after (label and skeleton packed in one byte, chunked zstd, ``pipeline.data.chunked``); the tubed skeleton's CPU
+   ``.npy``) and after (label and skeleton packed in one byte, LZ4 chunks, ``pipeline.data.chunked``); the tubed skeleton's CPU
    seconds per volume;
 1. loader patches per CPU-second of one thread at 64^3 and 128^3 from 320^3 volumes, train.yaml's crop with the
    augmentation in the loader (CPU training) or on the GPU (CUDA), memory-mapped: before (format 1's files, the

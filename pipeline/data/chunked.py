@@ -128,25 +128,40 @@ class ChunkedVolume:
     """A read-only view of a chunked volume file that numpy code can slice like an array.
 
     ``vol[z0:z1, y0:y1, x0:x1]`` (steps of 1) decodes only the chunks the window touches and returns a new array;
-    ``np.asarray(vol)`` decodes everything. The file is memory-mapped on first use in each process (a pickled
-    view reopens it), so loader workers share the OS page cache.
+    ``np.asarray(vol)`` decodes everything; nothing else of numpy's array interface is offered. The header and the
+    map come from one open of the file, so a file replaced meanwhile (renamed over) is never read with another's
+    index; a pickled view maps the file again in the receiving process (loader workers share the OS page cache)
+    and re-reads the header if the file was replaced. ``identity`` (device, inode, size, mtime) names the file
+    that is mapped.
 
     Raises:
-        ValueError: the file is not a complete chunked volume (on first use), or an index is not a window of
-            slices.
+        ValueError: the file is not a complete chunked volume, an index is not a window of slices, or a chunk
+            cannot be decoded (the message names the file).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
-        with open(self.path, "rb") as f:
-            header, offsets, start = _read_header(f)
-        self._bounds = (offsets + start).tolist()  # plain ints: this is the per-chunk hot path
-        self.shape: tuple[int, ...] = tuple(header["shape"])
-        self.dtype = np.dtype(header["dtype"])
-        self.chunk: tuple[int, ...] = tuple(header["chunk"])
-        self.ndim = len(self.shape)
-        self._grid = _grid(self.shape, self.chunk)
+        self.identity: tuple[int, ...] | None = None
         self._map: memoryview | None = None
+        self._open()
+
+    def _open(self) -> None:
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity != self.identity:
+                header, offsets, start = _read_header(f)
+                self._bounds = (offsets + start).tolist()  # plain ints: this is the per-chunk hot path
+                self.shape: tuple[int, ...] = tuple(header["shape"])
+                self.dtype = np.dtype(header["dtype"])
+                self.chunk: tuple[int, ...] = tuple(header["chunk"])
+                self.ndim = len(self.shape)
+                self._grid = _grid(self.shape, self.chunk)
+                if st.st_size < self._bounds[-1]:
+                    msg = f"{self.path}: truncated ({st.st_size} of {self._bounds[-1]} bytes)"
+                    raise ValueError(msg)
+                self.identity = identity
+            self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None}  # a map is reopened in the receiving process
@@ -156,8 +171,7 @@ class ChunkedVolume:
 
     def _data(self) -> memoryview:
         if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self._open()
         return self._map
 
     def read(self, window: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -181,7 +195,14 @@ class ChunkedVolume:
                     flat = (iz * gy + iy) * gx + ix
                     ex = min(cx, sx - ix * cx)
                     block = buffer[: ez * ey * ex * size]
-                    imagecodecs.lz4_decode(data[bounds[flat] : bounds[flat + 1]], out=block)
+                    try:
+                        got = len(imagecodecs.lz4_decode(data[bounds[flat] : bounds[flat + 1]], out=block))
+                    except RuntimeError as e:  # imagecodecs.Lz4Error
+                        got = f"an error ({e})"
+                    if got != block.size:
+                        msg = (f"{self.path}: chunk {flat} decodes to {got}, expected {block.size} bytes; the file is "
+                               "damaged: delete it and restart to rebuild it")
+                        raise ValueError(msg)
                     block = block.view(self.dtype).reshape(ez, ey, ex)
                     out[dst_z, dst_y, a - x0 : b - x0] = block[src_z, src_y, a - ix * cx : b - ix * cx]
         return out

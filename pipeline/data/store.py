@@ -37,8 +37,9 @@ The skeleton (skeleton recall loss, ``pipeline.training.losses``) costs seconds 
 is built only when asked for, once: a finished entry that lacks it gets it from its stored label (the label file is
 rewritten with the skeleton bit, then the .json says so; image and centres untouched).
 
-Under DDP the ranks of a machine split the entries to build, then wait at a barrier; every rank then opens the
-same files with ``np.load(mmap_mode="r")``, so the OS page cache holds the hot part once for all of them.
+Under DDP the ranks of a machine split the entries to build, then wait at a barrier; every rank then maps the same
+files (``np.load(mmap_mode="r")``, :class:`pipeline.data.chunked.ChunkedVolume`), so the OS page cache holds the hot
+part once for all of them.
 
 Example::
 
@@ -317,6 +318,8 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
                 return True
             if problem != "not built":
                 logger.warning("volume store: rebuilding %s", problem)
+                # the old .json must not vouch for files half rewritten (a skeleton bit it says is there, say)
+                entry.meta_path.unlink(missing_ok=True)
             case = entry.case
             try:
                 image = read_volume(case["image"])
@@ -330,6 +333,10 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
                 if _stat_key(case[side]) != entry.sources[side]:
                     msg = f"{case[side]}: changed while the volume store was being built; rerun once it is complete"
                     raise StoreError(msg)
+            top = int(label.max()) if label.size else 0
+            if top > 2:  # bit 2 of the stored byte holds the skeleton: a 3..255 label would corrupt it
+                msg = f"{case['label']}: label value {top}; labels are 0 (background), 1 (surface), 2 (unlabeled)"
+                raise DatasetError(msg)
             if label.shape != image.shape:
                 msg = f"{case['label']}: label shape {label.shape} differs from image shape {image.shape} ({case['image']})"
                 raise DatasetError(msg)
@@ -354,9 +361,11 @@ def _build_entry(entry: _Entry, check: bool, max_per_class: int, seed: int, skel
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _remove_stale(entry: _Entry) -> None:
-    """Delete this case's older entries built from the same source image (a changed file leaves one behind)."""
+def _stale_files(entry: _Entry) -> list[Path]:
+    """The files of this case's older entries built from the same source image (a changed file, or an older store
+    format, leaves one behind), each entry's ``.json`` last."""
     prefix = entry.stem.name.rsplit("-", 1)[0]
+    files = []
     for meta_path in entry.stem.parent.glob(f"{prefix}-*.json"):
         if meta_path == entry.meta_path:
             continue
@@ -368,15 +377,25 @@ def _remove_stale(entry: _Entry) -> None:
             stem = meta_path.with_suffix("")
             for name in (*_ARRAYS, SKELETON):
                 for suffix in ("npy", "chunks"):  # this format's files and format 1's (.npy label and skeleton)
-                    stem.with_name(f"{stem.name}.{name}.{suffix}").unlink(missing_ok=True)
-            stem.with_name(stem.name + ".lock").unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
+                    path = stem.with_name(f"{stem.name}.{name}.{suffix}")
+                    if path.exists():
+                        files.append(path)
+            files.append(meta_path)  # its .lock stays: another process may hold it
+    return files
 
 
-def _log_old_format(cache_dir: Path, entries: Sequence[_Entry]) -> None:
-    """One log line when ``cache_dir`` holds entries of an older format for these cases (they are rebuilt)."""
+def _remove_stale(entry: _Entry) -> None:
+    """Delete this case's older entries built from the same source image."""
+    for path in _stale_files(entry):
+        path.unlink(missing_ok=True)
+
+
+def _old_format(cache_dir: Path, entries: Sequence[_Entry], log: bool) -> set[str]:
+    """The source images of ``entries`` that have entries of an older format in ``cache_dir``; one log line (when
+    ``log``) says how many there are and that they are rebuilt."""
     sources = {e.sources["image"]["path"] for e in entries}
     old: dict[int, int] = {}
+    paths = set()
     for meta_path in cache_dir.glob("*.json"):
         try:
             meta_sources = json.loads(meta_path.read_text())["sources"]
@@ -385,12 +404,14 @@ def _log_old_format(cache_dir: Path, entries: Sequence[_Entry]) -> None:
         version = meta_sources.get("version")
         if version != PREPROCESS_VERSION and meta_sources.get("image", {}).get("path") in sources:
             old[version] = old.get(version, 0) + 1
-    if old:
+            paths.add(meta_sources["image"]["path"])
+    if old and log:
         found = ", ".join(f"{n} of format {v}" for v, n in sorted(old.items(), key=lambda kv: str(kv[0])))
         logger.info(
             "volume store %s: rebuilding the entries of an older format (%s) in format %d (label and skeleton "
             "packed and compressed); their old files are removed as each is rebuilt", cache_dir, found, PREPROCESS_VERSION,
         )
+    return paths
 
 
 def _check_writable(cache_dir: Path) -> None:
@@ -403,10 +424,14 @@ def _check_writable(cache_dir: Path) -> None:
         raise StoreError(msg) from e
 
 
-def _check_space(cache_dir: Path, todo: list[tuple[_Entry, str | None, str | None]], max_centres_per_class: int) -> None:
+def _check_space(
+    cache_dir: Path, todo: list[tuple[_Entry, str | None, str | None]], max_centres_per_class: int, workers: int
+) -> None:
+    """Refuse a build the disk cannot hold. Each entry's older versions (a changed source, an older store format)
+    are deleted once it is built, so the peak is the new bytes less the old ones, plus the entries in flight."""
     from transforms.io import read_volume_header
 
-    need = 0
+    sizes, freed = [], 0
     for e, problem, skeleton_problem in todo:
         try:
             shape, dtype = read_volume_header(e.case["image"])
@@ -416,14 +441,19 @@ def _check_space(cache_dir: Path, todo: list[tuple[_Entry, str | None, str | Non
         # and the compressed label (with the skeleton) at its bound; an entry getting its skeleton rewrites its label
         n = int(np.prod(shape))
         if problem is not None:
-            need += (min(dtype.itemsize, 2) + _LABEL_BYTES) * n + 4 * len(LABEL_CLASSES) * max_centres_per_class
+            sizes.append((min(dtype.itemsize, 2) + _LABEL_BYTES) * n + 4 * len(LABEL_CLASSES) * max_centres_per_class)
+            freed += sum(p.stat().st_size for p in _stale_files(e) if p.exists())
         elif skeleton_problem is not None:
-            need += _LABEL_BYTES * n
-    need = int(need)
+            sizes.append(_LABEL_BYTES * n)
+    if not sizes:
+        return
+    in_flight = sum(sorted(sizes)[-workers:])
+    need = int(max(sum(sizes) - freed, 0) + in_flight)
     free = shutil.disk_usage(cache_dir).free
     if need > free:
+        old = f" (after the {freed / 2**30:.1f} GiB of older entries it replaces are removed)" if freed else ""
         msg = (
-            f"{cache_dir}: the volume store needs {need / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free; "
+            f"{cache_dir}: the volume store needs {need / 2**30:.1f} GiB more{old}, {free / 2**30:.1f} GiB free; "
             "free space or set cache_dir to another disk"
         )
         raise StoreError(msg)
@@ -478,16 +508,18 @@ def build_store(
     entries = {name: [_Entry(cache_dir, c) for c in cases] for name, cases in datalists.items()}
     unique = list({e.stem: e for es in entries.values() for e in es}.values())
     with_skeleton = {e.stem for name in skeletons for e in entries.get(name, [])}
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        _log_old_format(cache_dir, unique)
+    old_sources = _old_format(cache_dir, unique, log=int(os.environ.get("LOCAL_RANK", 0)) == 0)
     # split the full list, not the missing entries: a rank that starts late must not see a shifted share
     todo = [(e, *e.todo(e.stem in with_skeleton)) for e in _local_share(unique)]
+    for e, *problems in todo:  # a finished entry whose older files outlived its build (interrupted in between)
+        if problems == [None, None] and e.sources["image"]["path"] in old_sources:
+            _remove_stale(e)
     todo = [t for t in todo if t[1:] != (None, None)]
     mine = [t[0] for t in todo]
     built = 0
     if mine:
-        _check_space(cache_dir, todo, max_centres_per_class)
         n_workers = workers or max(1, min(4, len(os.sched_getaffinity(0))))
+        _check_space(cache_dir, todo, max_centres_per_class, n_workers)
         logger.info("volume store %s: building %d of %d volumes with %d threads", cache_dir, len(mine), len(unique), n_workers)
         start, done, last_log = time.monotonic(), 0, 0.0
         bar = None
@@ -579,7 +611,8 @@ class PackedVolume:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         window = key if isinstance(key, tuple) else (key,)
-        tag = (self.volume.path, tuple((k.start, k.stop, k.step) if isinstance(k, slice) else k for k in window))
+        self.volume._data()  # (re)maps the file: its identity is the one decoded below
+        tag = (self.volume.path, self.volume.identity, tuple((k.start, k.stop, k.step) if isinstance(k, slice) else k for k in window))
         last = PackedVolume._last  # one read: another thread may replace it meanwhile
         if last is not None and last[0] == tag:
             return last[1]
@@ -635,7 +668,8 @@ class StoreDataset(Dataset):
     :data:`LABEL_CLASSES`), ``skeleton`` as a uint8 (Z, Y, X) array when the item has one, and ``image_stats`` as a
     float32 tensor; the transform cuts what it needs (``transforms.crop.RandCropByStoredCentresd``) without copying
     the volume. Memory-mapped, the label and skeleton are array-likes that decode the windows sliced from them
-    (``np.asarray`` gives the whole volume).
+    (``np.asarray`` gives the whole volume) and offer nothing else of numpy's interface (no comparisons or
+    reductions): a transform that replaces the crop takes ``np.asarray`` of them first.
 
     Args:
         data: store items.

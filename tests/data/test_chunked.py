@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline.data import store as store_mod
 from pipeline.data.chunked import ChunkedVolume, chunked_problem, write_chunked
-from pipeline.data.datalist import prepare_datalists
+from pipeline.data.datalist import DatasetError, prepare_datalists
 from pipeline.data.store import build_store
 
 
@@ -80,8 +81,8 @@ def test_store_keeps_label_and_skeleton_compressed_and_rebuilds_an_older_format(
         store = build_store(lists, cache, skeletons=["train"])
     n = len(old_stems)
     assert caplog.text.count("older format") == 1 and f"{n} of format 1" in caplog.text
-    left = {p for p in cache.iterdir() if any(p.name.startswith(s.name + ".") for s in old_stems)}
-    assert not left, left  # the old entries' files are gone
+    left = {p for p in cache.iterdir() if any(p.name.startswith(s.name + ".") for s in old_stems) and p.suffix != ".lock"}
+    assert not left, left  # the old entries' files are gone (their locks stay: another process may hold one)
     for item in store["train"]:
         assert item["label"].endswith(".label.chunks") and item["skeleton"] == item["label"]  # packed in one file
         shape = tuple(item["shape"])
@@ -120,3 +121,109 @@ def test_a_crop_decodes_label_and_skeleton_once(tiny_dataset: Path, tmp_path, mo
     whole = StoreDataset(store["train"][:1], mode="mmap")[0]
     assert np.array_equal(np.asarray(whole["label"]), np.asarray(ChunkedVolume(store["train"][0]["label"])) & 3)
     assert PackedVolume._last is last  # the whole volume bypassed the window cache
+
+
+def test_a_replaced_file_is_never_read_with_the_old_index(tmp_path):
+    path = tmp_path / "a.chunks"
+    first = np.zeros((20, 20, 20), np.uint8)
+    vol = _write(path, first)
+    shipped = pickle.dumps(vol)  # as a loader worker receives it
+    second = np.random.default_rng(1).integers(0, 3, (20, 20, 20)).astype(np.uint8)
+    with open(tmp_path / "b.chunks", "wb") as f:
+        write_chunked(f, second, chunk=8)
+    os.replace(tmp_path / "b.chunks", path)  # as the store rewrites a label file
+    assert np.array_equal(np.asarray(vol), first)  # the open view keeps reading the file it mapped
+    assert np.array_equal(np.asarray(pickle.loads(shipped)), second)  # a reopened one reads the new file whole
+
+
+def test_a_damaged_chunk_is_named(tmp_path):
+    path = tmp_path / "a.chunks"
+    vol = _write(path, np.random.default_rng(0).integers(0, 3, (16, 16, 16)).astype(np.uint8))
+    data = bytearray(path.read_bytes())
+    data[-20:] = bytes(20)  # the last chunk's bytes, same size: the size check cannot see it
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"a\.chunks: chunk 7 decodes to .*delete it and restart"):
+        np.asarray(ChunkedVolume(path))
+    del vol
+
+
+def test_label_file_rewritten_in_this_process_is_read_again(tiny_dataset: Path, tmp_path):
+    """The window cache knows which file it decoded: a skeleton added by a later build is seen at once."""
+    from pipeline.data.store import StoreDataset
+    from transforms.crop import cut_patch
+
+    lists = {"train": prepare_datalists(tiny_dataset, check=False)["train"][:1]}
+    cache = tmp_path / "store"
+    plain = build_store(lists, cache)["train"][0]
+    window = ((0, 16), (0, 16), (0, 16))
+    before = StoreDataset([plain], mode="mmap")[0]
+    cut_patch(before["label"], window, (16, 16, 16))
+    item = build_store(lists, cache, skeletons=["train"])["train"][0]
+    after = StoreDataset([item], mode="mmap")[0]
+    packed = np.asarray(ChunkedVolume(item["label"]))[:16, :16, :16]
+    assert np.array_equal(np.asarray(cut_patch(after["skeleton"], window, (16, 16, 16)))[0], packed >> 2)
+
+
+def test_an_interrupted_rebuild_never_keeps_a_skeleton_it_lost(tiny_dataset: Path, tmp_path, monkeypatch):
+    """A damaged entry rebuilt by a run without skeletons, killed before its .json: the next run with skeletons
+    must rebuild it with the skeleton, not trust the old .json."""
+    lists = {"train": prepare_datalists(tiny_dataset, check=False)["train"][:1]}
+    cache = tmp_path / "store"
+    item = build_store(lists, cache, skeletons=["train"])["train"][0]
+    image = Path(item["image"])
+    image.write_bytes(image.read_bytes()[:-10])
+
+    real_save = np.save
+
+    def killed_at_centres(f, arr, **kwargs):  # the label is rewritten by now; the .json would come after
+        if "centres" in str(getattr(f, "name", "")):
+            raise KeyboardInterrupt
+        return real_save(f, arr, **kwargs)
+
+    monkeypatch.setattr(store_mod.np, "save", killed_at_centres)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(lists, cache)
+    monkeypatch.undo()
+    again = build_store(lists, cache, skeletons=["train"])["train"][0]
+    label = np.asarray(ChunkedVolume(again["label"]))
+    assert (label >> 2).any() and np.array_equal(label >> 2, store_mod.tubed_skeleton(label & 3))
+
+
+def test_label_values_above_2_are_refused_even_unchecked(tiny_dataset: Path, tmp_path):
+    import shutil
+
+    import tifffile
+
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    lists = prepare_datalists(data, check=False)
+    case = lists["train"][0]
+    label = tifffile.imread(case["label"])
+    label[0, 0, 0] = 3
+    tifffile.imwrite(case["label"], label)
+    with pytest.raises(DatasetError, match=rf"{Path(case['label']).name}: label value 3; labels are 0"):
+        build_store({"train": [case]}, tmp_path / "store", check=False)
+
+
+def test_space_check_counts_the_older_entries_it_replaces(tmp_path, monkeypatch):
+    from pipeline.data.store import StoreError, _check_space, _Entry
+
+    src = tmp_path / "src"
+    src.mkdir()
+    image = src / "1.tif"
+    import tifffile
+
+    tifffile.imwrite(image, np.zeros((64, 64, 64), np.uint8))
+    cache = tmp_path / "store"
+    cache.mkdir()
+    entry = _Entry(cache, {"id": "1", "image": str(image), "label": str(image)})
+    old = cache / "1-0000000000000000"
+    (old.parent / (old.name + ".json")).write_text('{"sources": {"image": {"path": "%s"}, "version": 1}}' % image.resolve())
+    with open(old.parent / (old.name + ".image.npy"), "wb") as f:
+        f.truncate(50 * 2**20)  # 50 MiB of an older entry, freed once the new one is built
+    need = (1 + store_mod._LABEL_BYTES) * 64**3 + 8 * 1000
+    todo = [(entry, "not built", "missing")]
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda p: type("u", (), {"free": int(need) + 1})())
+    _check_space(cache, todo, 1000, workers=1)  # fits: the old files free more than the new entry takes
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda p: type("u", (), {"free": int(need) // 2})())
+    with pytest.raises(StoreError, match=r"needs 0\.0 GiB more \(after the 0\.0 GiB of older entries it replaces"):
+        _check_space(cache, todo, 1000, workers=1)  # the entry in flight still needs its own room
