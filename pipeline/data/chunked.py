@@ -47,7 +47,15 @@ from typing import Any, BinaryIO
 import imagecodecs
 import numpy as np
 
-__all__ = ["CHUNK", "ChunkedVolume", "chunked_problem", "write_chunked"]
+from pipeline.utils.errors import PipelineError
+
+__all__ = ["CHUNK", "ChunkedVolume", "ChunkedVolumeError", "chunked_problem", "write_chunked"]
+
+_REBUILD = "the file is damaged: delete it and restart to rebuild it"
+
+
+class ChunkedVolumeError(PipelineError, ValueError):
+    """A chunked volume file that cannot be read (damaged, cut short, not one); the message names the file."""
 
 MAGIC = b"VCHUNK1\n"
 CHUNK = 64
@@ -135,8 +143,9 @@ class ChunkedVolume:
     that is mapped.
 
     Raises:
-        ValueError: the file is not a complete chunked volume, an index is not a window of slices, or a chunk
-            cannot be decoded (the message names the file).
+        ChunkedVolumeError: the file is not a complete chunked volume, or a chunk cannot be decoded (one line
+            naming the file).
+        ValueError: an index is not a window of slices.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -150,7 +159,11 @@ class ChunkedVolume:
             st = os.fstat(f.fileno())
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if identity != self.identity:
-                header, offsets, start = _read_header(f)
+                try:
+                    header, offsets, start = _read_header(f)
+                except Exception as e:  # a damaged header raises many types
+                    msg = f"{self.path}: unreadable header ({type(e).__name__}: {e}); {_REBUILD}"
+                    raise ChunkedVolumeError(msg) from e
                 self._bounds = (offsets + start).tolist()  # plain ints: this is the per-chunk hot path
                 self.shape: tuple[int, ...] = tuple(header["shape"])
                 self.dtype = np.dtype(header["dtype"])
@@ -158,8 +171,8 @@ class ChunkedVolume:
                 self.ndim = len(self.shape)
                 self._grid = _grid(self.shape, self.chunk)
                 if st.st_size < self._bounds[-1]:
-                    msg = f"{self.path}: truncated ({st.st_size} of {self._bounds[-1]} bytes)"
-                    raise ValueError(msg)
+                    msg = f"{self.path}: truncated ({st.st_size} of {self._bounds[-1]} bytes); {_REBUILD}"
+                    raise ChunkedVolumeError(msg)
                 self.identity = identity
             self._map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
@@ -200,9 +213,8 @@ class ChunkedVolume:
                     except RuntimeError as e:  # imagecodecs.Lz4Error
                         got = f"an error ({e})"
                     if got != block.size:
-                        msg = (f"{self.path}: chunk {flat} decodes to {got}, expected {block.size} bytes; the file is "
-                               "damaged: delete it and restart to rebuild it")
-                        raise ValueError(msg)
+                        msg = f"{self.path}: chunk {flat} decodes to {got}, expected {block.size} bytes; {_REBUILD}"
+                        raise ChunkedVolumeError(msg)
                     block = block.view(self.dtype).reshape(ez, ey, ex)
                     out[dst_z, dst_y, a - x0 : b - x0] = block[src_z, src_y, a - ix * cx : b - ix * cx]
         return out

@@ -70,7 +70,7 @@ import torch.distributed as dist
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
-from pipeline.data.chunked import ChunkedVolume, chunked_problem, write_chunked
+from pipeline.data.chunked import ChunkedVolume, ChunkedVolumeError, chunked_problem, write_chunked
 from pipeline.data.datalist import DatasetError, check_volume_pair
 from pipeline.utils.files import atomic_write
 from pipeline.utils.memory import available_memory
@@ -703,6 +703,8 @@ class StoreDataset(Dataset):
                         arrays[SKELETON] = _field(packed, 1, SKELETON_SHIFT)
                 else:
                     arrays[name] = np.load(item[name], mmap_mode=mmap_mode, allow_pickle=False)
+            except ChunkedVolumeError as e:  # names the file and what to do already
+                raise StoreError(str(e)) from e
             except (OSError, ValueError) as e:
                 msg = f"{item[name]}: cannot read the store file ({e}); delete it and restart to rebuild it"
                 raise StoreError(msg) from e

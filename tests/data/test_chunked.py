@@ -145,6 +145,16 @@ def test_a_damaged_chunk_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"a\.chunks: chunk 7 decodes to .*delete it and restart"):
         np.asarray(ChunkedVolume(path))
     del vol
+    # on the command lines: one expected line, exit 2, however deep in the loader it was raised
+    from pipeline.utils.errors import one_line
+
+    try:
+        np.asarray(ChunkedVolume(path))
+    except ValueError as e:
+        wrapped = RuntimeError("applying transform")  # as MONAI's apply_transform wraps it
+        wrapped.__cause__ = e
+        line, code, expected = one_line(wrapped)
+    assert expected and code == 2 and line.startswith(f"error: {path}: chunk 7 decodes to")
 
 
 def test_label_file_rewritten_in_this_process_is_read_again(tiny_dataset: Path, tmp_path):
