@@ -52,6 +52,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -271,11 +272,12 @@ def _write(path: Path, write: Callable[[Any], Any]) -> None:
 def tubed_skeleton(label: np.ndarray, tube: int = SKELETON_TUBE) -> np.ndarray:
     """The "tubed skeleton" of the surface (label 1) of a (Z, Y, X) label, as the skeleton recall loss uses it.
 
-    scikit-image's 3D ``skeletonize`` (Lee's thinning) of ``label == 1`` (2, unlabeled, counts as background),
-    dilated ``tube`` times with the 6-connected cross and restricted to the surface (Kirchhoff et al. 2024; their
-    nnU-Net code: ``dilation(dilation(skeletonize(seg))) * seg``). Lee's thinning scans the whole array at every
-    iteration and thins every connected component to its medial axis: ~15 s for a 320^3 volume on one core,
-    which is why the store computes it once per volume.
+    Lee's thinning of ``label == 1`` (2, unlabeled, counts as background), exactly scikit-image's 3D
+    ``skeletonize`` (:func:`pipeline.data.thinning.thin`, ~2.5 s for a 320^3 volume on one core where scikit-image
+    takes ~15 s), dilated ``tube`` times with the 6-connected cross and restricted to the surface (Kirchhoff et al.
+    2024; their nnU-Net code: ``dilation(dilation(skeletonize(seg))) * seg``). The dilation writes the L1 ball of
+    radius ``tube`` around each skeleton voxel (the same voxels as ``tube`` binary dilations with the cross, a
+    tenth of their time: the skeleton is a few percent of the volume).
 
     Args:
         label: 0 background, 1 surface, 2 unlabeled.
@@ -284,16 +286,22 @@ def tubed_skeleton(label: np.ndarray, tube: int = SKELETON_TUBE) -> np.ndarray:
     Returns:
         uint8 array of ``label``'s shape, 1 on the tubed skeleton.
     """
-    from scipy import ndimage
-    from skimage.morphology import skeletonize
+    from pipeline.data.thinning import thin  # numba compiles it at the first call in a fresh checkout
 
     surface = np.asarray(label) == 1
     if not surface.any():
         return np.zeros(surface.shape, dtype=np.uint8)
-    skeleton = skeletonize(surface)
+    skeleton = thin(surface)
     if tube:
-        skeleton = ndimage.binary_dilation(skeleton, ndimage.generate_binary_structure(3, 1), iterations=tube)
-    return (skeleton & surface).astype(np.uint8)
+        padded = np.pad(skeleton, tube)
+        strides = np.array(padded.strides) // padded.itemsize
+        voxels = np.flatnonzero(padded)
+        tubed = np.zeros(padded.size, dtype=bool)
+        for step in itertools.product(range(-tube, tube + 1), repeat=3):
+            if sum(map(abs, step)) <= tube:
+                tubed[voxels + int(np.dot(step, strides))] = True
+        skeleton = tubed.reshape(padded.shape)[(slice(tube, -tube),) * 3]
+    return (skeleton & surface).view(np.uint8)
 
 
 def _pack(label: np.ndarray) -> np.ndarray:
