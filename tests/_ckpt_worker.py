@@ -64,6 +64,7 @@ def build(
     keep_last: int | None = None,
     auto_resume: bool = True,
     record_to: str | os.PathLike | None = None,
+    clock: object = None,
 ) -> Setup:
     """SupervisedTrainer (tiny 3D conv with dropout) on a CacheDataset of ``n_volumes`` random 16^3 volumes with
     MONAI random transforms (nested Compose), shuffled loader, Adam, a per-iteration StepLR, per-epoch validation
@@ -118,6 +119,7 @@ def build(
         every_epochs=every_epochs,
         keep_last=keep_last,
         auto_resume=auto_resume,
+        clock=clock,
     )
     checkpointer.attach(trainer)
     setup = Setup(trainer, evaluator, network, checkpointer)

@@ -24,6 +24,7 @@ import ast
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,8 @@ def _bundle_run(run_id: str, config: Path, overrides: dict[str, Any]) -> None:
     run(run_id, config_file=str(config), logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
 
 
-def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, int]:
-    """The dataset folder (the synthetic one generated first when needed), checked; and its test volume count."""
+def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, list[dict]]:
+    """The dataset folder (the synthetic one generated first when needed), checked; and its test volumes."""
     from pipeline.data.datalist import (
         check_test_datalist,
         prepare_datalists,
@@ -130,7 +131,21 @@ def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, i
         check_test_datalist(tests)
         n_train = len(lists["train"]) + len(lists["val"])
         stage.what = f"checked {n_train} training cases (image + label) and {len(tests)} test volumes"
-    return root, len(tests)
+    return root, tests
+
+
+def _inference_work(tests: list[dict], overrides: dict[str, Any]) -> dict[str, Any]:
+    """What training's clock reserves for the prediction after it (``time_limit``): the test voxels times the
+    inference's TTA passes, and its overlap, as inference.yaml resolves them with ``overrides``."""
+    import math
+
+    from pipeline.utils.config import load_config
+    from transforms.io import read_volume_shape
+
+    parser = load_config(INFER_CONFIG, overrides=route_overrides(overrides, INFER_CONFIG))
+    tta, axes, overlap = (parser.get_parsed_content(k) for k in ("tta", "tta_axes", "overlap"))
+    voxels = sum(math.prod(read_volume_shape(case["image"])) for case in tests)
+    return {"inference_voxels": voxels * (2 ** len(axes) if tta else 1), "inference_overlap": float(overlap)}
 
 
 def run_main_job(argv: list[str]) -> int:
@@ -153,11 +168,15 @@ def run_main_job(argv: list[str]) -> int:
         print(f"error: {args.dataset_dir}: dataset folder not found (leave --dataset_dir out for the synthetic "
               "default)", file=sys.stderr)
         return 2
+    from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
+
+    os.environ.setdefault(JOB_START_ENV, repr(time.time()))  # time_limit counts from here, in every process
+    limit_s = parse_duration(overrides.get("time_limit"))
     from pipeline.data.datalist import DatasetError
 
     start = time.monotonic()
     try:
-        root, n_test = _check_dataset(args.dataset_dir, args.synthetic_dir)
+        root, tests = _check_dataset(args.dataset_dir, args.synthetic_dir)
     except (DatasetError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,11 +187,18 @@ def run_main_job(argv: list[str]) -> int:
         "ckpt_dir": args.ckpt_dir,
     }
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
+    if limit_s is not None:  # the clock keeps time for the prediction of the test set after training
+        train_overrides = {**_inference_work(tests, overrides), **train_overrides}
+    cut = None
     if not args.skip_training and not _training_complete(train_overrides):
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
             if rc != 0:
                 stage.what = f"training failed (exit code {rc})"
+            else:
+                cut = _cut_by_clock(train_overrides)
+                if cut:
+                    stage.what = f"training (cut by the clock: {cut})"
         if rc != 0:  # DDP: the failing rank printed its error above; nothing downstream runs on a failed training
             logs = Path(args.output_dir) / "logs"
             what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
@@ -182,7 +208,7 @@ def run_main_job(argv: list[str]) -> int:
     if model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
-    with _Stage(f"predicting {n_test} test volumes") as stage:
+    with _Stage(f"predicting {len(tests)} test volumes") as stage:
         infer = {k: v for k, v in overrides.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
         rc = _infer(route_overrides({**common, "check_data": False, **infer}, INFER_CONFIG), args)
         if rc != 0:
@@ -192,7 +218,24 @@ def run_main_job(argv: list[str]) -> int:
               file=sys.stderr)
         return rc
     print(_summary(time.monotonic() - start, root, Path(args.output_dir), Path(args.ckpt_dir), model))
+    if limit_s is not None:
+        used = time.time() - float(os.environ[JOB_START_ENV])
+        print(f"  time:           {format_eta(used)} of time_limit {format_eta(limit_s)}")
+    if cut:
+        print(f"  training:       cut by the clock ({cut}); the submission is written from the best model so far. "
+              "Run the same command again (in the next session: with resume_from the saved ckpt_dir) to continue")
     return 0
+
+
+def _cut_by_clock(overrides: dict[str, Any]) -> str | None:
+    """After a training that exited 0: None when it finished its schedule, else where the clock cut it."""
+    from pipeline.training.checkpoint import completed_epochs, find_latest_checkpoint
+
+    epochs = _configured_epochs(overrides)
+    if completed_epochs(overrides["ckpt_dir"]) >= epochs:
+        return None
+    latest = find_latest_checkpoint(overrides["ckpt_dir"])
+    return f"stopped at {latest.name} of {epochs} epochs" if latest is not None else f"before epoch 1 of {epochs}"
 
 
 def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path) -> str:
@@ -220,13 +263,17 @@ def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path)
     return "\n".join(lines)
 
 
+def _configured_epochs(overrides: dict[str, Any]) -> int:
+    with open(TRAIN_CONFIG) as f:
+        return int(overrides.get("epochs", yaml.safe_load(f)["epochs"]))
+
+
 def _training_complete(overrides: dict[str, Any]) -> bool:
     """Whether ``checkpoint_final.pt`` already holds the configured number of epochs (then training is skipped;
     otherwise the bundle resumes from the newest checkpoint by itself)."""
     from pipeline.training.checkpoint import completed_epochs
 
-    with open(TRAIN_CONFIG) as f:
-        epochs = int(overrides.get("epochs", yaml.safe_load(f)["epochs"]))
+    epochs = _configured_epochs(overrides)
     done = completed_epochs(overrides["ckpt_dir"])
     if done >= epochs and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
         print(f"training already complete ({done}/{epochs} epochs): skipping to inference")

@@ -67,6 +67,7 @@ from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
 from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
 from pipeline.utils.files import atomic_save
 from pipeline.utils.signals import SignalFlag
+from pipeline.utils.timing import format_eta
 
 __all__ = [
     "FINAL_NAME",
@@ -221,6 +222,9 @@ class TrainingCheckpointer:
         auto_resume: restore the newest readable checkpoint of ``ckpt_dir`` when the engine starts.
         name: logger name; by default the engine's logger.
         plans: the model's plans (:func:`pipeline.model.plans.make_plans`), saved in every checkpoint; None saves none.
+        clock: a :class:`pipeline.training.clock.TimeLimit` (or None): when its ``due(engine)`` says so, at an
+            iteration boundary, the weights are validated (unless this epoch's validation just ran), a checkpoint is
+            written and the trainer terminated; the run ends normally (``stopped_by_clock`` is then True).
 
     Raises:
         ValueError: a negative ``interval_minutes`` or ``every_epochs``, or a ``keep_last`` below 1.
@@ -248,6 +252,7 @@ class TrainingCheckpointer:
         auto_resume: bool = True,
         name: str | None = None,
         plans: dict[str, Any] | None = None,
+        clock: Any = None,
     ) -> None:
         if interval_minutes is not None and interval_minutes < 0:
             msg = f"interval_minutes must be >= 0 (0 or None disables timed checkpoints), got {interval_minutes}"
@@ -271,6 +276,8 @@ class TrainingCheckpointer:
         self.auto_resume = auto_resume
         self._name = name
         self.plans = plans
+        self.clock = clock if clock is not None and getattr(clock, "enabled", True) else None
+        self.stopped_by_clock = False
         self.logger = logging.getLogger(name)
         self._last_save = time.monotonic()
         self._start_iteration = 0
@@ -352,15 +359,17 @@ class TrainingCheckpointer:
         self._start_iteration = engine.state.iteration
         self._last_save = time.monotonic()
 
-    def _decisions(self) -> tuple[bool, int]:
-        """(timed checkpoint due, signal received), the same on every rank: the interval is measured on rank 0, a
-        signal on any rank counts. One all-reduce under DDP."""
-        due = bool(self.interval_s) and idist.get_rank() == 0 and time.monotonic() - self._last_save >= self.interval_s
+    def _decisions(self, engine: Engine | None = None) -> tuple[bool, int, bool]:
+        """(timed checkpoint due, signal received, stop by the clock), the same on every rank: the interval and the
+        clock are read on rank 0, a signal on any rank counts. One all-reduce under DDP."""
+        rank0 = idist.get_rank() == 0
+        due = bool(self.interval_s) and rank0 and time.monotonic() - self._last_save >= self.interval_s
+        cut = self.clock is not None and engine is not None and rank0 and self.clock.due(engine)
         signum = self._signals.signum
         if idist.get_world_size() > 1:
-            flags = idist.all_reduce(torch.tensor([int(due), signum], dtype=torch.int64), op="MAX")
-            due, signum = bool(flags[0]), int(flags[1])
-        return due, signum
+            flags = idist.all_reduce(torch.tensor([int(due), signum, int(cut)], dtype=torch.int64), op="MAX")
+            due, signum, cut = bool(flags[0]), int(flags[1]), bool(flags[2])
+        return due, signum, cut
 
     def _preempted(self, engine: Engine, signum: int, path: Path | None) -> Preempted:
         where = f" to {path}" if path is not None else ""
@@ -372,24 +381,51 @@ class TrainingCheckpointer:
         return Preempted(signum, msg)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        due, signum = self._decisions()
-        # The last iteration of an epoch is left to EPOCH_COMPLETED, so its file holds the validation/LR state of
-        # the finished epoch and resumes at the boundary.
         epoch_length = engine.state.epoch_length
         if epoch_length is not None and engine.state.iteration % epoch_length == 0:
+            # The last iteration of an epoch is left to EPOCH_COMPLETED, so its file holds the validation/LR state
+            # of the finished epoch and resumes at the boundary.
             return
-        if due or signum:
+        due, signum, cut = self._decisions(engine)
+        if cut and not signum:
+            self._stop_by_clock(engine, validated=False)
+        elif due or signum:
             path = self._save_periodic(engine)
             if signum:
                 raise self._preempted(engine, signum, path)
 
     def _epoch_completed(self, engine: Engine) -> None:
-        due, signum = self._decisions()
+        due, signum, cut = self._decisions(engine)
+        last = engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs
+        if cut and not signum and not last:  # the last epoch completes the run instead (final checkpoint)
+            validated = self.evaluator is not None and getattr(self.evaluator.state, "epoch", 0) == engine.state.epoch
+            self._stop_by_clock(engine, validated=validated)
+            return
         by_epoch = self.every_epochs > 0 and engine.state.epoch % self.every_epochs == 0
         if by_epoch or due or signum:
             path = self._save_periodic(engine)
             if signum:
                 raise self._preempted(engine, signum, path)
+
+    def _stop_by_clock(self, engine: Engine, validated: bool) -> None:
+        """Validate the newest weights (their random-state footprint undone, so the resumed run is the uncut one),
+        write the checkpoint, log the cut and terminate the trainer; every rank, at the same iteration."""
+        if not validated and self.evaluator is not None:
+            data = self._data
+            loader, extra = (data.loader, data.extra) if data is not None else (None, None)
+            before = capture_rng_state(loader, extra)
+            self.evaluator.run(engine.state.epoch)
+            restore_rng_state(before, loader, extra)
+        path = self._save_periodic(engine)
+        self.stopped_by_clock = True
+        clock = self.clock
+        self.logger.warning(
+            f"time_limit: training stopped by the clock at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration} ({format_eta(clock.left())} left, reserved: {clock.describe()}), its "
+            f"checkpoint saved{f' to {path}' if path else ''}; run the same command again (or resume_from this "
+            "ckpt_dir) to continue"
+        )
+        engine.terminate()
 
     def _completed(self, engine: Engine) -> None:
         state = engine.state
@@ -400,7 +436,7 @@ class TrainingCheckpointer:
         # the end (a kill during the final validation or write): the final file is missing or older, write it.
         current = state.iteration == self._start_iteration and self._resumed_from == self.ckpt_dir / FINAL_NAME
         path = self.save(engine, FINAL_NAME) if reached and not current else None
-        _, signum = self._decisions()
+        _, signum, _ = self._decisions()
         self._release()
         if signum:
             raise self._preempted(engine, signum, path or self._resumed_from)
@@ -472,6 +508,8 @@ class TrainingCheckpointer:
         path = atomic_save(ckpt, self.ckpt_dir / filename)
         self._last_save = time.monotonic()
         self.logger.info(f"Saved checkpoint {path} in {self._last_save - start:.2f} s")
+        if self.clock is not None:
+            self.clock.saved(self._last_save - start)
         return path
 
     def resume(self, engine: Engine, path: str | os.PathLike) -> None:

@@ -157,7 +157,7 @@ def validate_at_end(trainer: Engine, evaluator: SupervisedEvaluator, interval: i
     """
 
     def _final(engine: Engine) -> None:
-        if engine.state.epoch % interval:
+        if engine.state.epoch % interval and not engine.should_terminate:  # a run cut short validated at the cut
             evaluator.run(engine.state.epoch)
 
     trainer.add_event_handler(Events.COMPLETED, _final)

@@ -1,0 +1,234 @@
+"""Runs by the clock: training that stops in time for what must follow it (``time_limit``).
+
+A Kaggle session ends after 12 h (the competition's submission notebook after 9 h) and cluster jobs have a
+wall-clock limit. Lightning's ``Trainer(max_time=...)`` and ignite's ``TimeLimit`` stop training when the time is
+up; neither leaves time for what a run still has to do after training: the last validation (so that ``model.pt``
+holds the newest weights worth keeping), the checkpoint that resumes the run, and the prediction of the test set.
+
+:class:`TimeLimit` keeps the deadline (``time_limit`` seconds after the job's start, :func:`pipeline.utils.timing.job_start`) and
+measures, while training runs, what stopping costs:
+
+- an iteration: the median of the last 25 iteration times within an epoch (data wait included, validation
+  excluded);
+- the validation: the last validation's seconds, and its voxels per second. Before the first validation it is
+  estimated from the training step (a forward pass costs about a third of a training step: forward + backward),
+  as sliding windows of the patch at ``val_overlap`` over the validation voxels;
+- the checkpoint write: the last one's seconds (5 s until one is written);
+- the inference after training (``inference_voxels``: the test voxels times the TTA passes, which
+  ``python -m pipeline`` sets): at the validation's voxels per second, corrected for the windows' overlap.
+
+At each iteration boundary :class:`pipeline.training.checkpoint.TrainingCheckpointer` asks :meth:`TimeLimit.due`
+(on rank 0; the answer is all-reduced with its other decisions, so every rank stops at the same iteration):
+training stops when 1.5 iterations and what stopping costs, times ``safety``, no longer fit before the
+deadline. The checkpointer then validates the weights (unless this epoch's validation just did), writes a
+checkpoint that resumes exactly, logs the cut and terminates the trainer; the run ends with exit code 0.
+
+A limit that cannot fit one epoch and what follows it is refused after the first five iterations of a fresh run,
+with the minimum in the message (:class:`pipeline.utils.errors.SettingsError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from pipeline.utils.errors import SettingsError
+from pipeline.utils.timing import format_eta, job_start, parse_duration
+
+__all__ = ["TimeLimit"]
+
+def _windows(overlap: float) -> float:
+    """Sliding windows per patch-sized volume at ``overlap`` (each axis steps ``1 - overlap`` of the window)."""
+    return 1.0 / (1.0 - min(max(float(overlap), 0.0), 0.95)) ** 3
+
+
+class TimeLimit:
+    """The deadline of a run and what stopping before it costs; see the module docstring.
+
+    Args:
+        time_limit: seconds or a duration string (:func:`pipeline.utils.timing.parse_duration`); None disables the
+            handler.
+        start: the job's start in seconds since the epoch; None: :func:`pipeline.utils.timing.job_start`.
+        val_cases: the validation cases (items with a ``"shape"``, as the volume store gives them), for the
+            estimate before the first validation.
+        val_overlap: the validation's sliding-window overlap.
+        patch_size: the training patch (the validation window).
+        patches_per_iteration: patches in one training iteration (batch size x samples per volume).
+        inference_voxels: voxels predicted after training, times the TTA passes (0: none in this job).
+        inference_overlap: the inference's sliding-window overlap.
+        safety: factor on the estimated cost of stopping.
+        name: logger name.
+
+    Example::
+
+        clock = TimeLimit("11h30m", val_cases=store["val"], patch_size=[128] * 3, patches_per_iteration=4)
+        clock.attach(trainer, evaluator)
+        checkpointer = TrainingCheckpointer(..., clock=clock)
+    """
+
+    def __init__(
+        self,
+        time_limit: Any = None,
+        start: float | None = None,
+        val_cases: Sequence[dict] = (),
+        val_overlap: float = 0.25,
+        patch_size: Sequence[int] = (64, 64, 64),
+        patches_per_iteration: int = 1,
+        inference_voxels: int = 0,
+        inference_overlap: float = 0.5,
+        safety: float = 1.25,
+        name: str | None = None,
+    ) -> None:
+        self.limit_s = parse_duration(time_limit)
+        self.enabled = self.limit_s is not None
+        self.start = job_start() if start is None else float(start)
+        self.deadline = self.start + (self.limit_s or 0.0)
+        self.val_voxels = sum(math.prod(int(n) for n in case["shape"]) for case in val_cases)
+        self.val_overlap = float(val_overlap)
+        self.patch_voxels = math.prod(int(p) for p in patch_size)
+        self.patches_per_iteration = max(1, int(patches_per_iteration))
+        self.inference_voxels = int(inference_voxels)
+        self.inference_overlap = float(inference_overlap)
+        self.safety = float(safety)
+        self._name = name
+        self.logger = logging.getLogger(name)
+        self._steps: deque[float] = deque(maxlen=25)
+        self.validation_s: float | None = None
+        self.validated_voxels = 0
+        self.save_s = 5.0
+        self._last: float | None = None
+        self._val_start = 0.0
+        self._val_voxels_seen = 0
+        self._checked = False
+
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
+        """Measure ``trainer``'s iterations and ``evaluator``'s validations (no-op when disabled)."""
+        if not self.enabled:
+            return
+        if self._name is None:
+            self.logger = trainer.logger
+        trainer.add_event_handler(Events.STARTED, self._started)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        if evaluator is not None:
+            evaluator.add_event_handler(Events.STARTED, self._val_started)
+            evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._val_iteration)
+            evaluator.add_event_handler(Events.COMPLETED, self._val_completed)
+
+    # --- measurements ---
+    def _started(self, engine: Engine) -> None:
+        left = self.deadline - time.time()
+        self.logger.info(f"time_limit {format_eta(self.limit_s or 0)}: {format_eta(max(left, 0))} left for "
+                         "training and what follows it")
+        if left <= 0:
+            msg = (f"time_limit {format_eta(self.limit_s or 0)}: the time is up before training starts "
+                   f"({format_eta(time.time() - self.start)} since the job started); give a longer time_limit")
+            raise SettingsError(msg)
+        self._fresh = engine.state.iteration == 0
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._last = time.monotonic()
+
+    @property
+    def iteration_s(self) -> float | None:
+        """Seconds per iteration: the median of the last 25 (a slow first step or a stall does not count)."""
+        return statistics.median(self._steps) if self._steps else None
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            self._steps.append(now - self._last)
+        self._last = now
+        if not self._checked and len(self._steps) >= min(5, engine.state.epoch_length or 5):
+            self._checked = True
+            self._check_one_epoch(engine)
+
+    def _val_started(self, engine: Engine) -> None:
+        self._val_start = time.monotonic()
+        self._val_voxels_seen = 0
+
+    def _val_iteration(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if image is not None and hasattr(image, "numel"):
+            self._val_voxels_seen += int(image.numel())
+
+    def _val_completed(self, engine: Engine) -> None:
+        self.validation_s = time.monotonic() - self._val_start
+        self.validated_voxels = self._val_voxels_seen
+        self._last = time.monotonic()  # the next iteration's time excludes the validation
+
+    def saved(self, seconds: float) -> None:
+        """The checkpointer reports how long its last write took."""
+        self.save_s = float(seconds)
+
+    # --- estimates ---
+    def _forward_voxels_per_s(self) -> float | None:
+        """Voxels per second of sliding-window forward passes at the validation's overlap."""
+        if self.validation_s and self.validated_voxels:
+            return self.validated_voxels / self.validation_s
+        if self.iteration_s:
+            # a forward pass ~ a third of a training step; windows of the patch cover the volume _windows times
+            forward_s = self.iteration_s / (3.0 * self.patches_per_iteration)
+            return self.patch_voxels / forward_s / _windows(self.val_overlap)
+        return None
+
+    def validation_estimate(self) -> float:
+        """Seconds of one validation: the last one's, or estimated from the training step."""
+        if self.validation_s is not None:
+            return self.validation_s
+        speed = self._forward_voxels_per_s()
+        return self.val_voxels / speed if speed and self.val_voxels else 0.0
+
+    def inference_estimate(self) -> float:
+        """Seconds of the prediction after training (``inference_voxels`` at the validation's speed, corrected for
+        the overlap)."""
+        speed = self._forward_voxels_per_s()
+        if not self.inference_voxels or not speed:
+            return 0.0
+        return self.inference_voxels * _windows(self.inference_overlap) / _windows(self.val_overlap) / speed
+
+    def stop_cost(self) -> float:
+        """Seconds that stopping needs (validation, checkpoint, inference) with the safety factor, and a margin for
+        the rest (handlers at the end of training, the inference's start-up): 10 s + 3 % of the limit, at most 5
+        minutes."""
+        margin = min(300.0, 10.0 + 0.03 * (self.limit_s or 0.0))
+        return self.safety * (self.validation_estimate() + self.save_s + self.inference_estimate()) + margin
+
+    def left(self) -> float:
+        """Seconds to the deadline."""
+        return self.deadline - time.time()
+
+    def due(self, engine: Engine) -> bool:
+        """Whether training must stop now: one more iteration and the stop's cost no longer fit."""
+        if not self.enabled or self.iteration_s is None:
+            return False
+        return self.left() <= 1.5 * self.iteration_s + self.stop_cost()
+
+    def describe(self) -> str:
+        """What the stop reserves, for the log."""
+        return (f"validation ~{format_eta(self.validation_estimate())}, checkpoint ~{format_eta(self.save_s)}"
+                f", inference ~{format_eta(self.inference_estimate())}, x{self.safety:g}, + 10 s + 3 % of the limit")
+
+    def _check_one_epoch(self, engine: Engine) -> None:
+        """A fresh run whose limit cannot hold one epoch and what follows it is refused, with the minimum."""
+        if not getattr(self, "_fresh", False) or self.iteration_s is None:
+            return
+        length = engine.state.epoch_length or 1
+        elapsed = time.time() - self.start
+        need = elapsed + length * self.iteration_s + self.stop_cost()
+        self.logger.info(f"time_limit: one epoch ~{format_eta(length * self.iteration_s)} "
+                         f"({length} iterations), after training: {self.describe()}")
+        if need > (self.limit_s or 0):
+            msg = (f"time_limit {format_eta(self.limit_s or 0)} is too short for one epoch: "
+                   f"{format_eta(elapsed)} already used (data check, store build), one epoch "
+                   f"~{format_eta(length * self.iteration_s)}, then {self.describe()}: give at least "
+                   f"{format_eta(need)}")
+            raise SettingsError(msg)

@@ -1,0 +1,168 @@
+"""time_limit: durations, the clock's estimates, the cut (validated, checkpointed, resumed exactly) and the main job
+cut by the clock with its submission written in time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from pipeline.data import datalist
+from pipeline.inference.submission import check_submission
+from pipeline.training.checkpoint import checkpoint_name, find_latest_checkpoint
+from pipeline.training.clock import TimeLimit
+from pipeline.training.lock import LOCK_NAME
+from pipeline.utils.errors import SettingsError
+from pipeline.utils.timing import parse_duration
+from tests._ckpt_worker import build
+from tests.conftest import TINY_TRAIN
+from transforms.io import read_volume_shape
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(3600, 3600.0), ("11h30m", 41400.0), ("90m", 5400.0), ("1.5h", 5400.0), ("2d", 172800.0), ("1h2m3s", 3723.0),
+     ("45", 45.0), (None, None), ("null", None)],
+)
+def test_parse_duration(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "5x", "-1", 0, True, "h"])
+def test_parse_duration_refuses_in_one_line(text) -> None:
+    with pytest.raises(SettingsError, match="is not a time limit; give seconds"):
+        parse_duration(text)
+
+
+def test_estimates_before_and_after_a_validation_and_the_decision() -> None:
+    clock = TimeLimit("1h", start=time.time(), val_cases=[{"shape": [64, 64, 64]}] * 2, val_overlap=0.5,
+                      patch_size=[32, 32, 32], patches_per_iteration=2, inference_voxels=8 * 64**3,
+                      inference_overlap=0.5)
+    assert clock.validation_estimate() == 0.0 and not clock.due(None)  # nothing measured: never stops blind
+    clock._steps.extend([0.6] * 5)
+    forward = 32**3 / (0.6 / (3 * 2)) / 8  # voxels/s: a forward ~ a third of a step, 8 windows per voxel at 0.5
+    assert clock.validation_estimate() == pytest.approx(2 * 64**3 / forward)
+    clock.validation_s, clock.validated_voxels = 2.0, 2 * 64**3  # measured: 64^3 voxels/s
+    assert clock.validation_estimate() == 2.0 and clock.inference_estimate() == pytest.approx(8.0)
+    cost = 1.25 * (2.0 + clock.save_s + 8.0) + 10.0 + 0.03 * 3600
+    assert clock.stop_cost() == pytest.approx(cost)
+    assert not clock.due(None)
+    clock.deadline = time.time() + 1.5 * 0.6 + cost - 1.0
+    assert clock.due(None)
+
+
+class _CutAt:
+    """A clock that calls the stop at one iteration (the decision's arithmetic is tested above)."""
+
+    enabled = True
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def due(self, engine) -> bool:
+        return engine.state.iteration == self.iteration
+
+    def left(self) -> float:
+        return 1.0
+
+    def describe(self) -> str:
+        return "test"
+
+    def saved(self, seconds: float) -> None:
+        pass
+
+
+def _eats_random_numbers(setup) -> None:
+    """The validation draws from the global RNG (as a loader with workers does for its base seed)."""
+    setup.evaluator.add_event_handler(Events.STARTED, lambda _: torch.rand(1))
+
+
+@pytest.mark.parametrize("at", [5, 6])  # mid-epoch 2 (3 iterations per epoch), and its end
+def test_cut_by_the_clock_validates_saves_and_resumes_exactly(tmp_path: Path, at: int, caplog) -> None:
+    reference = build(tmp_path / "reference", seed=0, max_epochs=4, every_epochs=None)
+    _eats_random_numbers(reference)
+    reference.trainer.run()
+
+    ckpt = tmp_path / "ckpt"
+    cut = build(ckpt, seed=0, max_epochs=4, every_epochs=None, clock=_CutAt(at))
+    _eats_random_numbers(cut)
+    with caplog.at_level(logging.WARNING):
+        cut.trainer.run()  # ends normally: exit code 0
+    assert cut.checkpointer.stopped_by_clock and "stopped by the clock at epoch 2" in caplog.text
+    assert sorted(cut.losses) == list(range(1, at + 1))
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != LOCK_NAME) == [checkpoint_name(2, at)]  # no final
+    assert cut.evaluator.state.epoch == 2  # the newest weights validated (at the cut, or by the epoch's validation)
+
+    resumed = build(ckpt, seed=123, max_epochs=4, every_epochs=None)
+    _eats_random_numbers(resumed)
+    resumed.trainer.run()
+    assert sorted(resumed.losses) == list(range(at + 1, 13))
+    assert cut.losses | resumed.losses == reference.losses
+    assert cut.lrs | resumed.lrs == reference.lrs
+    for p, q in zip(resumed.network.parameters(), reference.network.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _main(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "OMP_NUM_THREADS": "2", **env})
+
+
+def test_main_job_cut_by_the_clock_writes_its_submission_in_time(tiny_dataset: Path, tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "models"
+    tiny = []
+    for k, v in {**TINY_TRAIN, "epochs": 1000, "val_interval": 3}.items():  # far more than the limit holds
+        tiny += [f"--{k}", str(v).replace(" ", "")]
+    base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny]
+
+    too_short = _main([*base, "--time_limit", "3s"])
+    assert too_short.returncode == 2, too_short.stderr[-2000:]
+    assert too_short.stderr.strip().splitlines()[-1].startswith("error: time_limit 0:00:03")
+    assert find_latest_checkpoint(ckpt) is None and not (out / "submission.zip").exists()
+    bad = _main([*base, "--time_limit", "11x"])
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: time_limit: '11x' is not a time limit; give seconds (e.g. 41400) or a duration such as 11h30m, 90m "
+        "or 1.5h (null for none)")
+
+    limit = 50
+    start = time.time()
+    job = _main([*base, "--time_limit", str(limit)])
+    took = time.time() - start
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "[pipeline] training (cut by the clock: stopped at checkpoint_epoch=" in job.stdout
+    assert "training:       cut by the clock" in job.stdout
+    assert took < limit, f"the job took {took:.1f} s of its {limit} s"
+    latest = find_latest_checkpoint(ckpt)
+    assert latest is not None and (ckpt / "model.pt").is_file()
+    shapes = {case["id"]: read_volume_shape(case["image"]) for case in datalist.test_datalist(tiny_dataset)}
+    check_submission(out / "submission.zip", shapes)
+
+
+def test_a_run_cut_short_is_not_validated_again_at_its_end() -> None:
+    from ignite.engine import Engine
+
+    from pipeline.training.engine import validate_at_end
+
+    class _Evaluator:
+        runs: list[int] = []
+
+        def run(self, epoch: int) -> None:
+            self.runs.append(epoch)
+
+    for cut in (False, True):
+        trainer, evaluator = Engine(lambda e, b: None), _Evaluator()
+        evaluator.runs = []
+        validate_at_end(trainer, evaluator, interval=5)
+        if cut:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
+        trainer.run([0, 1], max_epochs=3)
+        assert evaluator.runs == ([] if cut else [3])
