@@ -232,10 +232,12 @@ def _cut_by_clock(overrides: dict[str, Any]) -> str | None:
     from pipeline.training.checkpoint import completed_epochs, find_latest_checkpoint
 
     epochs = _configured_epochs(overrides)
-    if completed_epochs(overrides["ckpt_dir"]) >= epochs:
+    done = completed_epochs(overrides["ckpt_dir"])
+    if done and (epochs is None or done >= epochs):
         return None
     latest = find_latest_checkpoint(overrides["ckpt_dir"])
-    return f"stopped at {latest.name} of {epochs} epochs" if latest is not None else f"before epoch 1 of {epochs}"
+    of = f"{epochs} epochs" if epochs is not None else "the epochs it chose (epochs: auto)"
+    return f"stopped at {latest.name} of {of}" if latest is not None else f"before epoch 1 of {of}"
 
 
 def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path) -> str:
@@ -263,9 +265,11 @@ def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path)
     return "\n".join(lines)
 
 
-def _configured_epochs(overrides: dict[str, Any]) -> int:
+def _configured_epochs(overrides: dict[str, Any]) -> int | None:
+    """train.yaml's ``epochs`` with the overrides; None for ``auto`` (the run fixes it, the final checkpoint says)."""
     with open(TRAIN_CONFIG) as f:
-        return int(overrides.get("epochs", yaml.safe_load(f)["epochs"]))
+        epochs = overrides.get("epochs", yaml.safe_load(f)["epochs"])
+    return None if epochs == "auto" else int(epochs)
 
 
 def _training_complete(overrides: dict[str, Any]) -> bool:
@@ -275,8 +279,8 @@ def _training_complete(overrides: dict[str, Any]) -> bool:
 
     epochs = _configured_epochs(overrides)
     done = completed_epochs(overrides["ckpt_dir"])
-    if done >= epochs and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
-        print(f"training already complete ({done}/{epochs} epochs): skipping to inference")
+    if done and done >= (epochs or done) and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
+        print(f"training already complete ({done}/{epochs or done} epochs): skipping to inference")
         return True
     return False
 

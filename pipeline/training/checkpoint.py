@@ -356,6 +356,8 @@ class TrainingCheckpointer:
                 self._resumed_from = Path(latest)
             else:
                 self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
+        if self.clock is not None:
+            self.clock.resumed(engine)
         self._start_iteration = engine.state.iteration
         self._last_save = time.monotonic()
 
@@ -562,7 +564,8 @@ class TrainingCheckpointer:
             self.evaluator.state.best_metric = ckpt["evaluator"]["best_metric"]
             self.evaluator.state.best_metric_epoch = ckpt["evaluator"]["best_metric_epoch"]
         for key in engine.state_dict_user_keys:
-            setattr(state, key, saved[key])
+            if key in saved:  # a key added since the file was written keeps its start value
+                setattr(state, key, saved[key])
 
         rng_states = ckpt["rng"]
         rng = rng_states[idist.get_rank()] if len(rng_states) == idist.get_world_size() else None

@@ -42,7 +42,7 @@ from ignite.engine import Engine, Events
 from pipeline.utils.errors import SettingsError
 from pipeline.utils.timing import format_eta, job_start, parse_duration
 
-__all__ = ["TimeLimit"]
+__all__ = ["AUTO", "EpochsToFit", "TimeLimit", "cycle_ends", "schedule_epochs"]
 
 def _windows(overlap: float) -> float:
     """Sliding windows per patch-sized volume at ``overlap`` (each axis steps ``1 - overlap`` of the window)."""
@@ -101,12 +101,19 @@ class TimeLimit:
         self.logger = logging.getLogger(name)
         self._steps: deque[float] = deque(maxlen=25)
         self.validation_s: float | None = None
+        self.validation_total = 0.0
         self.validated_voxels = 0
         self.save_s = 5.0
         self._last: float | None = None
         self._val_start = 0.0
         self._val_voxels_seen = 0
         self._checked = False
+        self.fit: Any = None  # an EpochsToFit, when epochs: auto
+
+    def resumed(self, engine: Engine) -> None:
+        """Called by the checkpointer at ``STARTED`` once it has restored a checkpoint (or found none)."""
+        if self.fit is not None:
+            self.fit.resumed(engine)
 
     def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
         """Measure ``trainer``'s iterations and ``evaluator``'s validations (no-op when disabled)."""
@@ -162,6 +169,7 @@ class TimeLimit:
 
     def _val_completed(self, engine: Engine) -> None:
         self.validation_s = time.monotonic() - self._val_start
+        self.validation_total += self.validation_s
         self.validated_voxels = self._val_voxels_seen
         self._last = time.monotonic()  # the next iteration's time excludes the validation
 
@@ -232,3 +240,143 @@ class TimeLimit:
                    f"~{format_eta(length * self.iteration_s)}, then {self.describe()}: give at least "
                    f"{format_eta(need)}")
             raise SettingsError(msg)
+
+
+AUTO = "auto"
+PROVISIONAL_EPOCHS = 1_000_000
+"""The trainer's length under ``epochs: auto`` until :class:`EpochsToFit` fixes it after the first epoch."""
+
+
+def schedule_epochs(epochs: Any) -> int:
+    """The trainer's ``max_epochs`` for train.yaml's ``epochs``: the number, or :data:`PROVISIONAL_EPOCHS` for
+    ``auto``."""
+    if epochs == AUTO:
+        return PROVISIONAL_EPOCHS
+    try:
+        value = int(epochs)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1 or value != epochs:
+        msg = f"epochs: {epochs!r} is not a number of epochs; give a whole number >= 1, or auto (with a time_limit)"
+        raise SettingsError(msg)
+    return value
+
+
+def cycle_ends(warmup_epochs: float, t_0: float, t_mult: int, up_to: float) -> list[float]:
+    """The epochs at which a cosine cycle of ``WarmupCosineRestarts`` ends, up to ``up_to``: the warmup, then cycles of
+    ``t_0``, ``t_0 * t_mult``, ... epochs."""
+    ends, end, length = [], warmup_epochs + t_0, t_0
+    while end <= up_to:
+        ends.append(end)
+        length *= t_mult
+        end += length
+    return ends
+
+
+class EpochsToFit:
+    """``epochs: auto``: after the first epoch the run measures itself and fixes its number of epochs so that training
+    ends by the time limit, at a cosine cycle's end (``cosine_restarts``) or with the poly decay reaching zero there.
+    The first epoch's wall time (start to start: handlers and checkpoint included, its validation taken out) plus an
+    epoch's share of a validation is the cost of an epoch; the room is the time left less the stop's cost
+    (:meth:`TimeLimit.stop_cost`), with 5 % to spare.
+
+    The choice (``state.epochs_chosen``, one of the trainer's ``state_dict_user_keys``) is logged, saved in every
+    checkpoint and kept on resume; a resumed run under another limit says whether the rest fits in this session or
+    will be cut by the clock again.
+
+    Args:
+        clock: the run's :class:`TimeLimit` (enabled: ``auto`` needs a ``time_limit``).
+        epochs: train.yaml's ``epochs``; anything but ``"auto"`` disables the handler.
+        lr_scheduler: the run's scheduler; a poly one gets the new end (``max_iters``).
+        schedule: ``"cosine_restarts"`` or ``"poly"``.
+        warmup_epochs, T_0, T_mult: the cosine schedule (cycle ends are ``warmup + T_0``, ``+ T_0 * T_mult``, ...).
+        val_interval: epochs between validations (their cost is shared out over the epochs).
+        name: logger name.
+
+    Raises:
+        SettingsError: ``auto`` without a ``time_limit``.
+    """
+
+    def __init__(
+        self,
+        clock: TimeLimit,
+        epochs: Any,
+        lr_scheduler: Any = None,
+        schedule: str = "cosine_restarts",
+        warmup_epochs: float = 1.0,
+        T_0: float = 10.0,  # noqa: N803 - train.yaml's names
+        T_mult: int = 2,  # noqa: N803
+        val_interval: int = 1,
+        name: str | None = None,
+    ) -> None:
+        self.enabled = epochs == AUTO
+        if self.enabled and not clock.enabled:
+            msg = "epochs: auto fixes the number of epochs to fit a time_limit; give one (e.g. --time_limit 11h30m)"
+            raise SettingsError(msg)
+        self.clock = clock
+        self.lr_scheduler = lr_scheduler
+        self.schedule = schedule
+        self.warmup_epochs, self.t_0, self.t_mult = float(warmup_epochs), float(T_0), int(T_mult)
+        self.val_interval = max(1, int(val_interval))
+        self._name = name
+        self.logger = logging.getLogger(name)
+        self._last: tuple[float, float] | None = None
+        self._fixed = False
+
+    def attach(self, trainer: Engine) -> None:
+        """Register the choice with ``trainer``'s saved state; attach before the checkpointer."""
+        if not self.enabled:
+            return
+        if self._name is None:
+            self.logger = trainer.logger
+        trainer.state_dict_user_keys.append("epochs_chosen")
+        trainer.state.epochs_chosen = 0
+        self.clock.fit = self  # the checkpointer calls clock.resumed() once it has restored a checkpoint
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _epoch_cost(self, wall: float, validated: float) -> float:
+        """Seconds per epoch: the last epoch's wall time (start to start: its handlers, plots and checkpoint
+        included) without the validation it ran, plus an epoch's share of a validation."""
+        return wall - validated + self.clock.validation_estimate() / self.val_interval
+
+    def _set(self, engine: Engine, epochs: int) -> None:
+        engine.state.max_epochs = engine.state.epochs_chosen = epochs
+        if self.schedule == "poly" and hasattr(self.lr_scheduler, "max_iters"):
+            self.lr_scheduler.max_iters = max(epochs * self._length, self.lr_scheduler.warmup_iters + 1)
+
+    def resumed(self, engine: Engine) -> None:
+        """At ``STARTED``, after the checkpointer's resume: a choice restored from a checkpoint is kept."""
+        self._length = engine.state.epoch_length or 1
+        chosen = int(getattr(engine.state, "epochs_chosen", 0) or 0)
+        if chosen:
+            self._set(engine, chosen)
+            self._fixed = True
+            self.logger.info(f"epochs: auto: keeping the {chosen} epochs chosen when the run started "
+                             f"({chosen - engine.state.epoch} to go; time_limit {format_eta(self.clock.limit_s)} "
+                             "this session, the clock cuts the run again if they do not fit)")
+
+    def _epoch_started(self, engine: Engine) -> None:
+        """At the start of the second epoch this process trains: the first one measured, the choice made; revised
+        once after the first validation when that came later (until then its cost is an estimate)."""
+        now, validated = time.monotonic(), self.clock.validation_total
+        last, self._last = self._last, (now, validated)
+        measured = self.clock.validation_s is not None
+        if last is None or self._fixed or (engine.state.epochs_chosen and not measured):
+            return
+        done, cost = engine.state.epoch - 1, self._epoch_cost(now - last[0], validated - last[1])
+        room = self.clock.left() - self.clock.stop_cost()
+        fit = done + max(0, int(room // (1.05 * cost)))
+        ends = [e for e in cycle_ends(self.warmup_epochs, self.t_0, self.t_mult, fit) if e > done]
+        if self.schedule == "cosine_restarts" and ends:
+            chosen, how = int(ends[-1]), "the end of a cosine cycle"
+        else:
+            chosen = fit
+            how = "poly decay to its end" if self.schedule == "poly" else "no cosine cycle ends in time: mid-cycle"
+        chosen = max(chosen, engine.state.epoch)  # the epoch just started runs (the clock cuts it if need be)
+        revised = bool(engine.state.epochs_chosen)
+        self._set(engine, chosen)
+        self._fixed = measured
+        when = ("revised with the first validation measured" if revised else
+                "fixed" if measured else "until the first validation is measured")
+        self.logger.info(f"epochs: auto: {chosen} epochs, {when} ({how}; ~{format_eta(cost)} per epoch, "
+                         f"{format_eta(room)} of time_limit {format_eta(self.clock.limit_s)} left for training)")

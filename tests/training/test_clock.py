@@ -80,6 +80,9 @@ class _CutAt:
     def saved(self, seconds: float) -> None:
         pass
 
+    def resumed(self, engine) -> None:
+        pass
+
 
 def _eats_random_numbers(setup) -> None:
     """The validation draws from the global RNG (as a loader with workers does for its base seed)."""
@@ -166,3 +169,42 @@ def test_a_run_cut_short_is_not_validated_again_at_its_end() -> None:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
         trainer.run([0, 1], max_epochs=3)
         assert evaluator.runs == ([] if cut else [3])
+
+
+def test_cycle_ends_and_epoch_settings() -> None:
+    from pipeline.training.clock import EpochsToFit, cycle_ends, schedule_epochs
+
+    assert cycle_ends(1, 10, 2, 71) == [11, 31, 71] and cycle_ends(1, 10, 2, 70) == [11, 31]
+    assert cycle_ends(0, 5, 1, 16) == [5, 10, 15]
+    assert schedule_epochs(71) == 71 and schedule_epochs("auto") > 10**5
+    for bad in (0, -3, 2.5, "many"):
+        with pytest.raises(SettingsError, match="is not a number of epochs"):
+            schedule_epochs(bad)
+    with pytest.raises(SettingsError, match="epochs: auto fixes the number of epochs to fit a time_limit"):
+        EpochsToFit(TimeLimit(None), "auto")
+
+
+def test_epochs_auto_chooses_a_cycle_end_stores_it_and_keeps_it_on_resume(tiny_dataset: Path, tmp_path: Path) -> None:
+    from pipeline.training.checkpoint import FINAL_NAME
+    from pipeline.training.clock import cycle_ends
+
+    out, ckpt = tmp_path / "out", tmp_path / "models"
+    tiny = []
+    for k, v in {**TINY_TRAIN, "epochs": "auto", "val_interval": 2, "warmup_epochs": 1, "T_0": 2}.items():
+        tiny += [f"--{k}", str(v).replace(" ", "")]
+    base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny]
+    job = _main([*base, "--time_limit", "45"])
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-3000:]
+    assert "epochs: auto:" in log and ("revised with the first validation measured" in log or "epochs, fixed" in log)
+    saved = torch.load(find_latest_checkpoint(ckpt), weights_only=True)["trainer"]  # final, or the cut's (busy CPU)
+    chosen = saved["epochs_chosen"]
+    assert saved["max_epochs"] == chosen and chosen in cycle_ends(1, 2, 2, chosen)
+
+    (ckpt / FINAL_NAME).unlink(missing_ok=True)  # as if the run had been cut before its last epoch ended
+    again = _main([*base, "--time_limit", "1h"])
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert f"epochs: auto: keeping the {chosen} epochs chosen when the run started" in log
+    final = torch.load(ckpt / FINAL_NAME, weights_only=True)["trainer"]
+    assert final["epochs_chosen"] == final["epoch"] == chosen
