@@ -75,3 +75,32 @@ class SignalAt:
 
         if idist.get_rank() == self.rank:
             os.kill(os.getpid(), self.signum)
+
+
+class ClockCutAt:
+    """train.yaml's ``clock`` replaced by one that calls the stop at iteration ``iteration`` (asked on rank 0 only,
+    as :class:`pipeline.training.clock.TimeLimit` is; every rank must stop there all the same)."""
+
+    enabled = True
+    fit = None
+
+    def __init__(self, iteration: int = 3, **_: Any) -> None:
+        self.iteration = iteration
+
+    def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
+        pass
+
+    def due(self, engine: Engine) -> bool:
+        return engine.state.iteration == self.iteration
+
+    def left(self) -> float:
+        return 1.0
+
+    def describe(self) -> str:
+        return "injected"
+
+    def saved(self, seconds: float) -> None:
+        pass
+
+    def resumed(self, engine: Engine) -> None:
+        pass

@@ -274,11 +274,22 @@ def test_two_nodes_on_one_machine_with_partitioned_cache(ddp_dataset, tmp_path):
     assert not set(records[0]["val_ids"]) & set(records[1]["val_ids"])
 
 
-def test_sigterm_on_one_rank_checkpoints_all_ranks_and_resume_is_bit_equal(ddp_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_reference(ddp_dataset, tmp_path_factory) -> Path:
+    """The final weights of an uninterrupted 2-process run of 2 epochs (no validation), for the stopped ones."""
+    root = tmp_path_factory.mktemp("ddp_reference")
+    assert launch([str(TRAIN_CONFIG)], "training", _overrides(ddp_dataset, root, epochs=2, val_interval=1000), nproc=2) == 0
+    return root / "models" / "checkpoint_final.pt"
+
+
+def _bit_equal(final: Path, reference: Path) -> bool:
+    done, expected = (torch.load(p, weights_only=True)["model"] for p in (final, reference))
+    return all(torch.equal(done[k], expected[k]) for k in expected)
+
+
+def test_sigterm_on_one_rank_checkpoints_all_ranks_and_resume_is_bit_equal(ddp_dataset, ddp_reference, tmp_path):
     """SIGTERM reaching rank 1 only, in the first iteration of epoch 2: both ranks agree (all-reduce), save that
     iteration and exit 128 + 15; the relaunched run ends with weights bit-equal to an uninterrupted run's."""
-    reference = _overrides(ddp_dataset, tmp_path / "reference", epochs=2, val_interval=1000)
-    assert launch([str(TRAIN_CONFIG)], "training", reference, nproc=2) == 0
 
     mixin = tmp_path / "signal.yaml"
     mixin.write_text(
@@ -295,6 +306,22 @@ def test_sigterm_on_one_rank_checkpoints_all_ranks_and_resume_is_bit_equal(ddp_d
 
     assert launch([str(TRAIN_CONFIG)], "training", overrides, nproc=2) == 0
     assert "Resumed from" in (logs / "training_rank0.log").read_text()
-    done = torch.load(models / "checkpoint_final.pt", weights_only=True)["model"]
-    expected = torch.load(tmp_path / "reference" / "models" / "checkpoint_final.pt", weights_only=True)["model"]
-    assert all(torch.equal(done[k], expected[k]) for k in expected)
+    assert _bit_equal(models / "checkpoint_final.pt", ddp_reference)
+
+
+def test_clock_cut_stops_every_rank_at_one_iteration_and_resume_is_bit_equal(ddp_dataset, ddp_reference, tmp_path):
+    """The clock asked on rank 0 only (time_limit) stops both ranks in the first iteration of epoch 2: both validate
+    the newest weights, the checkpoint is that iteration's and the exit code 0; the relaunched run ends bit-equal
+    to an uninterrupted run's (the validation's random numbers undone)."""
+    overrides = _overrides(ddp_dataset, tmp_path / "run", epochs=2, val_interval=1000,
+                           clock={"_target_": "tests._faults.ClockCutAt", "iteration": 3})
+    assert launch([str(TRAIN_CONFIG)], "training", overrides, nproc=2) == 0
+    models, logs = tmp_path / "run" / "models", tmp_path / "run" / "out" / "logs"
+    assert find_latest_checkpoint(models).name == "checkpoint_epoch=0002_iter=000003.pt"
+    assert not (models / "checkpoint_final.pt").exists() and (models / "model.pt").is_file()  # validated at the cut
+    for rank in (0, 1):
+        assert "stopped by the clock at epoch 2, iteration 3" in (logs / f"training_rank{rank}.log").read_text()
+
+    del overrides["clock"]
+    assert launch([str(TRAIN_CONFIG)], "training", overrides, nproc=2) == 0
+    assert _bit_equal(models / "checkpoint_final.pt", ddp_reference)
