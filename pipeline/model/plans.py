@@ -64,6 +64,7 @@ __all__ = [
     "build_from_plans",
     "load_model_file",
     "make_plans",
+    "network_difference",
     "pack_model",
     "read_plans",
     "resolve_plans",
@@ -221,6 +222,17 @@ def read_plans(path: str | os.PathLike) -> dict[str, Any] | None:
     if key not in _CACHE:
         _CACHE[key] = _split(_load(p, mmap=True), p)[1]
     return copy.deepcopy(_CACHE[key])
+
+
+def network_difference(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str:
+    """How the network of the plans ``saved`` (a file's) differs from ``current`` (this run's), for an error message:
+    ``"network_channels [4, 8, 16] there, [8, 16, 32] now"``; empty when they agree or either is unknown."""
+    there = (saved or {}).get("network")
+    now = (current or {}).get("network")
+    if there is None or now is None or there == now:
+        return ""
+    return ", ".join(f"{CONFIG_KEYS.get(k, k)} {there.get(k)!r} there, {now.get(k)!r} now"
+                     for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k))
 
 
 def _check_usable(plans: Mapping[str, Any], path: Path) -> None:

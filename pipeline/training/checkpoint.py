@@ -61,7 +61,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from pipeline.model.plans import pack_model
+from pipeline.model.plans import network_difference, pack_model
 from pipeline.training.lock import dir_lock
 from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
 from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
@@ -71,6 +71,7 @@ from pipeline.utils.signals import SignalFlag
 __all__ = [
     "FINAL_NAME",
     "checkpoint_name",
+    "checkpoint_progress",
     "find_latest_checkpoint",
     "completed_epochs",
     "TrainingCheckpointer",
@@ -99,8 +100,8 @@ def _periodic_checkpoints(ckpt_dir: Path) -> list[tuple[tuple[int, int], Path]]:
     return sorted(found)
 
 
-def _probe(path: Path) -> tuple[int, int] | None:
-    """(epoch, iteration) stored in ``path``, or None with a warning when the file cannot be read."""
+def checkpoint_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(epoch, iteration) stored in the checkpoint ``path``, or None with a warning when the file cannot be read."""
     try:
         # mmap reads the archive index and the pickled structure, not the tensor data: cheap on large files.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -127,11 +128,11 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     if not ckpt_dir.is_dir():
         return None
     final = ckpt_dir / FINAL_NAME
-    final_progress = _probe(final) if final.is_file() else None
+    final_progress = checkpoint_progress(final) if final.is_file() else None
     for progress, path in reversed(_periodic_checkpoints(ckpt_dir)):
         if final_progress is not None and final_progress >= progress:
             return final
-        if _probe(path) is not None:
+        if checkpoint_progress(path) is not None:
             return path
     return final if final_progress is not None else None
 
@@ -139,7 +140,7 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 def completed_epochs(ckpt_dir: str | os.PathLike) -> int:
     """Epochs recorded in ``checkpoint_final.pt`` of ``ckpt_dir``: 0 when it is absent or unreadable."""
     final = Path(ckpt_dir) / FINAL_NAME
-    progress = _probe(final) if final.is_file() else None
+    progress = checkpoint_progress(final) if final.is_file() else None
     return progress[0] if progress else 0
 
 
@@ -497,11 +498,8 @@ class TrainingCheckpointer:
                 f"to at least {needed} to continue it, or give this run another ckpt_dir to start afresh"
             )
             raise CheckpointDirError(msg)
-        saved_net = (ckpt.get("plans") or {}).get("network")
-        this_net = (self.plans or {}).get("network")
-        if saved_net is not None and this_net is not None and saved_net != this_net:
-            differ = ", ".join(f"{k} {saved_net.get(k)!r} there, {this_net.get(k)!r} now"
-                               for k in sorted(set(saved_net) | set(this_net)) if saved_net.get(k) != this_net.get(k))
+        differ = network_difference(ckpt.get("plans"), self.plans)
+        if differ:
             msg = (
                 f"{path}: this ckpt_dir holds a run of another network ({differ}); use the same network settings to "
                 "continue it, or give this run another ckpt_dir"
