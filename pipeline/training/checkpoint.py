@@ -61,7 +61,12 @@ import torch
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from pipeline.model.plans import network_difference, pack_model
+from pipeline.model.plans import (
+    ModelFileError,
+    load_model_file,
+    network_difference,
+    pack_model,
+)
 from pipeline.training.lock import dir_lock
 from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
 from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
@@ -202,6 +207,9 @@ class TrainingCheckpointer:
     finished run's continues it. A checkpoint of another network (its plans' ``network`` differs from this run's)
     is refused in one line naming the differing settings.
 
+    A new run (nothing to resume) with ``init_from`` starts from that file's weights (fine-tuning): see
+    :meth:`initialise`. A resumed run keeps its own weights; ``init_from`` is then logged as not used.
+
     Attach it after every other handler of the trainer (in a bundle, in ``initialize``, after the trainer is
     built): its saves must follow the LR scheduler's step and the validation that updates the best metric.
 
@@ -222,6 +230,8 @@ class TrainingCheckpointer:
         auto_resume: restore the newest readable checkpoint of ``ckpt_dir`` when the engine starts.
         name: logger name; by default the engine's logger.
         plans: the model's plans (:func:`pipeline.model.plans.make_plans`), saved in every checkpoint; None saves none.
+        init_from: a model file (``model.pt`` or a training checkpoint) whose weights a new run starts from; None
+            starts from the network's own initialisation.
 
     Raises:
         ValueError: a negative ``interval_minutes`` or ``every_epochs``, or a ``keep_last`` below 1.
@@ -249,6 +259,7 @@ class TrainingCheckpointer:
         auto_resume: bool = True,
         name: str | None = None,
         plans: dict[str, Any] | None = None,
+        init_from: str | os.PathLike | None = None,
     ) -> None:
         if interval_minutes is not None and interval_minutes < 0:
             msg = f"interval_minutes must be >= 0 (0 or None disables timed checkpoints), got {interval_minutes}"
@@ -272,6 +283,7 @@ class TrainingCheckpointer:
         self.auto_resume = auto_resume
         self._name = name
         self.plans = plans
+        self.init_from = Path(init_from) if init_from else None
         self.logger = logging.getLogger(name)
         self._last_save = time.monotonic()
         self._start_iteration = 0
@@ -341,15 +353,20 @@ class TrainingCheckpointer:
                 self.logger.info(f"Removing {stale}, left by an interrupted write")
                 stale.unlink(missing_ok=True)
         self._resumed_from = None
+        latest = None
         if self.auto_resume:
             latest = find_latest_checkpoint(self.ckpt_dir) if idist.get_rank() == 0 else None
             if idist.get_world_size() > 1:
                 latest = idist.broadcast(str(latest or ""), src=0) or None
-            if latest:
-                self.resume(engine, latest)
-                self._resumed_from = Path(latest)
-            else:
-                self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
+        if latest:
+            self.resume(engine, latest)
+            self._resumed_from = Path(latest)
+            if self.init_from is not None:
+                self.logger.info(f"init_from {self.init_from} not used: the resumed run keeps its own weights")
+        elif self.init_from is not None:
+            self.initialise(self.init_from)
+        elif self.auto_resume:
+            self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
         self._start_iteration = engine.state.iteration
         self._last_save = time.monotonic()
 
@@ -554,6 +571,42 @@ class TrainingCheckpointer:
             restore_rng_state(rng["now"], data.loader if data is not None else None, data.extra if data is not None else None)
         where = f" ({in_epoch} of {new_length} iterations into epoch {epochs_done + 1})" if in_epoch else ""
         self.logger.info(f"Resumed from {path} at epoch {state.epoch}, iteration {state.iteration}{where}")
+
+    def initialise(self, path: str | os.PathLike) -> None:
+        """Load the weights of a model file into the network: a new run starts from them (fine-tuning).
+
+        Only the weights: the optimizer, the LR schedule and the epoch count start afresh, and the patch size and
+        schedule may differ from the run that wrote the file (the networks are fully convolutional). The network
+        must be the same as the file's, as nnU-Net's ``-pretrained_weights`` requires: a file whose plans name
+        another network, or whose weights do not fit, is refused in one line. The weights' EMA, if any, restarts
+        from the loaded weights.
+
+        Args:
+            path: ``model.pt`` (weights with plans) or a training checkpoint (its ``"model"`` entry).
+
+        Raises:
+            MissingFileError: no such file.
+            ModelFileError: a file that cannot be read, of another network, or whose weights do not fit.
+        """
+        state, saved_plans = load_model_file(path, setting="init_from")
+        differ = network_difference(saved_plans, self.plans)
+        if differ:
+            msg = (
+                f"{path}: init_from holds the weights of another network ({differ}); use the file's network settings "
+                "(the patch size may differ), or leave init_from out"
+            )
+            raise ModelFileError(msg)
+        network = _unwrap(self.network)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or differently shaped weights: one line per problem
+            problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            msg = f"{path}: init_from's weights do not fit this run's network ({problems[0]}{more})"
+            raise ModelFileError(msg) from e
+        if self.ema is not None:
+            self.ema.load_state_dict({"model": network.state_dict(), "num_updates": 0})
+        self.logger.info(f"Initialised the weights from {path}: a new run (optimizer, LR schedule, epochs afresh)")
 
 
 class BestModelSaver:

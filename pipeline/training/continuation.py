@@ -22,7 +22,9 @@ A checkpoint in ``ckpt_dir`` at least as far as the source's (epoch, iteration) 
 session 2's command again never goes back in time. A source that holds no readable checkpoint, does not exist, or
 holds a run of another network is refused in one line (exit code 2) before anything is copied.
 
-:func:`check_sources` checks ``resume_from`` before the volume store is built.
+``init_from`` (a new run from a model file's weights) is
+:meth:`pipeline.training.checkpoint.TrainingCheckpointer.initialise`; :func:`check_sources` checks both settings
+before the volume store is built.
 """
 
 from __future__ import annotations
@@ -77,18 +79,22 @@ def find_resume_source(resume_from: str | os.PathLike) -> tuple[Path, tuple[int,
     return found, progress
 
 
-def check_sources(resume_from: str | os.PathLike | None, auto_resume: bool = True) -> None:
-    """Refuse a ``resume_from`` that cannot work, in one line, before anything slow runs.
+def check_sources(resume_from: str | os.PathLike | None, init_from: str | os.PathLike | None,
+                  auto_resume: bool = True) -> None:
+    """Refuse a ``resume_from`` or ``init_from`` that cannot work, in one line, before anything slow runs.
 
     Raises:
         SettingsError: ``resume_from`` with ``auto_resume`` off.
         MissingFileError, CheckpointDirError: see :func:`find_resume_source`.
+        MissingFileError, ModelFileError: an ``init_from`` that is not a readable model file.
     """
     if resume_from is not None:
         if not auto_resume:
             msg = f"resume_from {resume_from}: needs auto_resume true (it resumes from the copy in ckpt_dir)"
             raise SettingsError(msg)
         find_resume_source(resume_from)
+    if init_from is not None:
+        read_plans(init_from, setting="init_from")
 
 
 def _run_folder(ckpt_folder: Path, name: str) -> Path | None:

@@ -1,5 +1,5 @@
-"""Continue a run from a read-only copy of its checkpoints (resume_from), through the real train.yaml on tiny
-data."""
+"""Continue a run from a read-only copy of its checkpoints (resume_from) and start one from a model's weights
+(init_from), through the real train.yaml on tiny data."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from pipeline.model.networks import build_network
+from pipeline.model.plans import make_plans, pack_model
 from pipeline.training.checkpoint import (
     FINAL_NAME,
     checkpoint_name,
@@ -185,4 +187,46 @@ def test_bad_resume_from_is_one_line_and_exit_2(tiny_dataset: Path, tmp_path: Pa
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {empty}: resume_from: no readable checkpoint in this folder"), line
     assert not (bundle / "store").exists() and not (bundle / "models").exists()
+
+
+def test_init_from_starts_a_new_run_from_the_weights_with_another_patch(
+    tiny_dataset: Path, tmp_path: Path, session1: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = session1["input"] / "models" / "model.pt"
+    saved = torch.load(model, weights_only=True)
+    at_start: dict = {}
+    fine = {"init_from": str(model), "patch_size": [16, 16, 16], "epochs": 1, "ema": True}
+    with caplog.at_level(logging.INFO):
+        _train(_parser(tiny_dataset, tmp_path, **fine), at_start)
+    assert f"Initialised the weights from {model}" in caplog.text
+    assert at_start["epoch"] == 0 and at_start["iteration"] == 0 and not at_start["optimizer"]["state"]
+    assert all(torch.equal(at_start["weights"][k], v) for k, v in saved.items())
+    plans = torch.load(tmp_path / "models" / "model.pt", weights_only=True)._metadata[""]["plans"]
+    assert plans["patch_size"] == [16, 16, 16]  # this run's patch; the weights came from a 32^3 run
+
+    # the same command again: the run resumes and keeps its own weights
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _train(_parser(tiny_dataset, tmp_path, **fine))
+    assert f"init_from {model} not used: the resumed run keeps its own weights" in caplog.text
+    assert "Initialised the weights" not in caplog.text
+
+
+def test_init_from_a_file_that_does_not_fit_is_one_line(tiny_dataset: Path, tmp_path: Path, capsys, main) -> None:
+    other = build_network(channels=[2, 4, 8], strides=[2, 2], num_res_units=1)
+    with_plans, weights_only = tmp_path / "other.pt", tmp_path / "weights_only.pt"
+    torch.save(pack_model(other.state_dict(), make_plans(other, [32, 32, 32])), with_plans)
+    torch.save(other.state_dict(), weights_only)
+    base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(tmp_path / "out"), "--ckpt_dir",
+            str(tmp_path / "models"), "--cache_dir", str(tmp_path / "store"), *cli_args({**TINY_TRAIN, **QUIET})]
+    for path, problem in (
+        (tmp_path / "missing.pt", "not found; give --init_from a model.pt or a training checkpoint"),
+        (with_plans, "init_from holds the weights of another network (network_channels [2, 4, 8] there, "),
+        (weights_only, "init_from's weights do not fit this run's network (size mismatch for"),
+    ):
+        assert main([*base, "--init_from", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {path}: {problem}"), err
+        assert "Traceback" not in "\n".join(err)
+    assert find_latest_checkpoint(tmp_path / "models") is None
 
