@@ -19,8 +19,10 @@ Copied, each atomically, from the checkpoint's folder (the source is only read):
   ``checkpoint_final.pt``, any other file becomes ``checkpoint_epoch=E_iter=I.pt``.
 
 A checkpoint in ``ckpt_dir`` at least as far as the source's (epoch, iteration) wins and nothing is copied: running
-session 2's command again never goes back in time. A source that holds no readable checkpoint, does not exist, or
-holds a run of another network is refused in one line (exit code 2) before anything is copied.
+session 2's command again never goes back in time. A source that does not exist or holds no readable checkpoint is
+refused in one line (exit code 2) before anything is copied. A run of another network is refused by the resume
+itself, in the line that refuses any ``ckpt_dir`` of another network (the run's plans exist only once its network is
+built, after the run folder is chosen; building it earlier would change the order of random draws).
 
 ``init_from`` (a new run from a model file's weights) is
 :meth:`pipeline.training.checkpoint.TrainingCheckpointer.initialise`; :func:`check_sources` checks both settings
@@ -32,9 +34,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-from pipeline.model.plans import network_difference, read_plans
+from pipeline.model.plans import read_plans
 from pipeline.training.checkpoint import (
     FINAL_NAME,
     checkpoint_name,
@@ -111,12 +112,7 @@ def _run_name(record: Path) -> str | None:
     return name if name and Path(name).name == name and not name.startswith(".") else None
 
 
-def import_run(
-    resume_from: str | os.PathLike,
-    ckpt_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    plans: dict[str, Any] | None = None,
-) -> Path:
+def import_run(resume_from: str | os.PathLike, ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Copy the newest checkpoint of ``resume_from`` into ``ckpt_dir`` with what resuming needs (module docstring).
 
     Call it on one process, holding ``ckpt_dir``'s lock, before anything reads the run record
@@ -126,20 +122,14 @@ def import_run(
         resume_from: an earlier run's checkpoint folder or one checkpoint; only read.
         ckpt_dir: this run's checkpoint folder.
         output_dir: this run's output folder (the run folder goes to ``output_dir/runs/<name>``).
-        plans: this run's plans; a source of another network is refused. None checks nothing.
 
     Returns:
         The checkpoint in ``ckpt_dir`` the run will resume from.
 
     Raises:
-        MissingFileError, CheckpointDirError: see :func:`find_resume_source`; or a source of another network.
+        MissingFileError, CheckpointDirError: see :func:`find_resume_source`.
     """
     source, progress = find_resume_source(resume_from)
-    differ = network_difference(read_plans(source), plans)
-    if differ:
-        msg = (f"{source}: resume_from holds a run of another network ({differ}); use the same network settings to "
-               "continue it")
-        raise CheckpointDirError(msg)
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     local = find_latest_checkpoint(ckpt_dir)
     local_progress = checkpoint_progress(local) if local is not None else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline.utils.files import atomic_symlink, atomic_write_bytes
 
@@ -48,7 +47,6 @@ def run_dir(
     ckpt_dir: str | os.PathLike,
     auto_resume: bool = True,
     resume_from: str | os.PathLike | None = None,
-    plans: dict[str, Any] | None = None,
 ) -> str:
     """The folder of this training run: the resumed run's own, or a new one.
 
@@ -64,14 +62,13 @@ def run_dir(
         ckpt_dir: the training's checkpoint folder.
         auto_resume: whether the trainer resumes from ``ckpt_dir`` (``train.yaml``'s ``auto_resume``).
         resume_from: an earlier run's checkpoint folder or checkpoint file (read only), or None.
-        plans: this run's plans: a ``resume_from`` of another network is refused.
 
     Returns:
         ``<output_dir>/runs/<name>``.
 
     Example::
 
-        run_dir: "$pipeline.training.runs.run_dir(@output_dir, @ckpt_dir, @auto_resume, @resume_from, @plans)"
+        run_dir: "$pipeline.training.runs.run_dir(@output_dir, @ckpt_dir, @auto_resume, @resume_from)"
     """
     from pipeline.training.checkpoint import find_latest_checkpoint
     from pipeline.training.lock import lock_ckpt_dir
@@ -81,7 +78,7 @@ def run_dir(
     if auto_resume and resume_from is not None and is_main_process():
         from pipeline.training.continuation import import_run
 
-        import_run(resume_from, ckpt_dir, output_dir, plans)
+        import_run(resume_from, ckpt_dir, output_dir)
 
     output, record = Path(output_dir), Path(ckpt_dir) / RUN_RECORD
     name = None
