@@ -72,6 +72,8 @@ examples:
   python -m pipeline --skip_training                      predict with the existing model.pt
   python -m pipeline --nproc 2                            2 DDP processes (gloo on CPU)
   python -m pipeline --recipe kaggle_2xT4 --dataset_dir /kaggle/input/...   the Kaggle 2xT4 settings
+  python -m pipeline --resume_from /kaggle/input/NOTEBOOK/models   continue a run from a read-only copy of its ckpt_dir
+  python -m pipeline --init_from M.pt --ckpt_dir models_ft   a new run from a model's weights (fine-tuning)
 """
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "build_from_plans",
     "load_model_file",
     "make_plans",
+    "network_difference",
     "pack_model",
     "read_plans",
     "resolve_plans",
@@ -166,12 +167,12 @@ def _patch(value: Any, key: str) -> list[int]:
     return [int(v) for v in value]
 
 
-def _load(path: Path, mmap: bool) -> Any:
+def _load(path: Path, mmap: bool, setting: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated archive, not a torch file, a pickle weights_only refuses: name the file
         first = (str(e).strip().splitlines() or [""])[0]
-        msg = f"{path}: not a readable model file ({type(e).__name__}: {first}); retrain it or give another --model_path"
+        msg = f"{path}: not a readable model file ({type(e).__name__}: {first}); retrain it or give another --{setting}"
         raise ModelFileError(msg) from e
 
 
@@ -186,16 +187,23 @@ def _split(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]
     raise ModelFileError(msg)
 
 
-def _require(path: str | os.PathLike) -> Path:
+def _require(path: str | os.PathLike, setting: str = "model_path") -> Path:
     p = Path(path)
     if not p.is_file():
-        msg = f"{p}: not found; {MISSING_HINT}"
+        hint = MISSING_HINT if setting == "model_path" else f"give --{setting} a model.pt or a training checkpoint"
+        msg = f"{p}: not found; {hint}"
         raise MissingFileError(msg)
     return p
 
 
-def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def load_model_file(
+    path: str | os.PathLike, setting: str = "model_path"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The weights and the plans of a model file (``model.pt`` or a training checkpoint).
+
+    Args:
+        path: the file.
+        setting: the bundle key that named it, which the error messages tell the user to change.
 
     Returns:
         ``(state_dict, plans)``; ``plans`` is None for a weights-only file (bundle 0.1.0).
@@ -204,23 +212,38 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         MissingFileError: no such file (the message says to train a model first).
         ModelFileError: the file cannot be read, or holds something else.
     """
-    p = _require(path)
-    return _split(_load(p, mmap=False), p)
+    p = _require(path, setting)
+    return _split(_load(p, mmap=False, setting=setting), p)
 
 
-def read_plans(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_plans(path: str | os.PathLike, setting: str = "model_path") -> dict[str, Any] | None:
     """The plans of a model file without reading its tensors (memory-mapped); None for a weights-only file.
+
+    Args:
+        path: the file (``model.pt`` or a training checkpoint).
+        setting: the bundle key that named it (see :func:`load_model_file`).
 
     Raises:
         MissingFileError: no such file.
         ModelFileError: the file cannot be read, or holds something else.
     """
-    p = _require(path)
+    p = _require(path, setting)
     st = p.stat()
     key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _CACHE:
-        _CACHE[key] = _split(_load(p, mmap=True), p)[1]
+        _CACHE[key] = _split(_load(p, mmap=True, setting=setting), p)[1]
     return copy.deepcopy(_CACHE[key])
+
+
+def network_difference(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str:
+    """How the network of the plans ``saved`` (a file's) differs from ``current`` (this run's), for an error message:
+    ``"network_channels [4, 8, 16] there, [8, 16, 32] now"``; empty when they agree or either is unknown."""
+    there = (saved or {}).get("network")
+    now = (current or {}).get("network")
+    if there is None or now is None or there == now:
+        return ""
+    return ", ".join(f"{CONFIG_KEYS.get(k, k)} {there.get(k)!r} there, {now.get(k)!r} now"
+                     for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k))
 
 
 def _check_usable(plans: Mapping[str, Any], path: Path) -> None:

@@ -61,7 +61,12 @@ import torch
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from pipeline.model.plans import pack_model
+from pipeline.model.plans import (
+    ModelFileError,
+    load_model_file,
+    network_difference,
+    pack_model,
+)
 from pipeline.training.lock import dir_lock
 from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
 from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
@@ -72,6 +77,7 @@ from pipeline.utils.timing import format_eta
 __all__ = [
     "FINAL_NAME",
     "checkpoint_name",
+    "checkpoint_progress",
     "find_latest_checkpoint",
     "completed_epochs",
     "TrainingCheckpointer",
@@ -100,8 +106,8 @@ def _periodic_checkpoints(ckpt_dir: Path) -> list[tuple[tuple[int, int], Path]]:
     return sorted(found)
 
 
-def _probe(path: Path) -> tuple[int, int] | None:
-    """(epoch, iteration) stored in ``path``, or None with a warning when the file cannot be read."""
+def checkpoint_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(epoch, iteration) stored in the checkpoint ``path``, or None with a warning when the file cannot be read."""
     try:
         # mmap reads the archive index and the pickled structure, not the tensor data: cheap on large files.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -128,11 +134,11 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     if not ckpt_dir.is_dir():
         return None
     final = ckpt_dir / FINAL_NAME
-    final_progress = _probe(final) if final.is_file() else None
+    final_progress = checkpoint_progress(final) if final.is_file() else None
     for progress, path in reversed(_periodic_checkpoints(ckpt_dir)):
         if final_progress is not None and final_progress >= progress:
             return final
-        if _probe(path) is not None:
+        if checkpoint_progress(path) is not None:
             return path
     return final if final_progress is not None else None
 
@@ -140,7 +146,7 @@ def find_latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 def completed_epochs(ckpt_dir: str | os.PathLike) -> int:
     """Epochs recorded in ``checkpoint_final.pt`` of ``ckpt_dir``: 0 when it is absent or unreadable."""
     final = Path(ckpt_dir) / FINAL_NAME
-    progress = _probe(final) if final.is_file() else None
+    progress = checkpoint_progress(final) if final.is_file() else None
     return progress[0] if progress else 0
 
 
@@ -202,6 +208,9 @@ class TrainingCheckpointer:
     finished run's continues it. A checkpoint of another network (its plans' ``network`` differs from this run's)
     is refused in one line naming the differing settings.
 
+    A new run (nothing to resume) with ``init_from`` starts from that file's weights (fine-tuning): see
+    :meth:`initialise`. A resumed run keeps its own weights; ``init_from`` is then logged as not used.
+
     Attach it after every other handler of the trainer (in a bundle, in ``initialize``, after the trainer is
     built): its saves must follow the LR scheduler's step and the validation that updates the best metric.
 
@@ -225,6 +234,8 @@ class TrainingCheckpointer:
         clock: a :class:`pipeline.training.clock.TimeLimit` (or None): when its ``due(engine)`` says so, at an
             iteration boundary, the weights are validated (unless this epoch's validation just ran), a checkpoint is
             written and the trainer terminated; the run ends normally (``stopped_by_clock`` is then True).
+        init_from: a model file (``model.pt`` or a training checkpoint) whose weights a new run starts from; None
+            starts from the network's own initialisation.
 
     Raises:
         ValueError: a negative ``interval_minutes`` or ``every_epochs``, or a ``keep_last`` below 1.
@@ -253,6 +264,7 @@ class TrainingCheckpointer:
         name: str | None = None,
         plans: dict[str, Any] | None = None,
         clock: Any = None,
+        init_from: str | os.PathLike | None = None,
     ) -> None:
         if interval_minutes is not None and interval_minutes < 0:
             msg = f"interval_minutes must be >= 0 (0 or None disables timed checkpoints), got {interval_minutes}"
@@ -278,6 +290,7 @@ class TrainingCheckpointer:
         self.plans = plans
         self.clock = clock if clock is not None and getattr(clock, "enabled", True) else None
         self.stopped_by_clock = False
+        self.init_from = Path(init_from) if init_from else None
         self.logger = logging.getLogger(name)
         self._last_save = time.monotonic()
         self._start_iteration = 0
@@ -347,15 +360,20 @@ class TrainingCheckpointer:
                 self.logger.info(f"Removing {stale}, left by an interrupted write")
                 stale.unlink(missing_ok=True)
         self._resumed_from = None
+        latest = None
         if self.auto_resume:
             latest = find_latest_checkpoint(self.ckpt_dir) if idist.get_rank() == 0 else None
             if idist.get_world_size() > 1:
                 latest = idist.broadcast(str(latest or ""), src=0) or None
-            if latest:
-                self.resume(engine, latest)
-                self._resumed_from = Path(latest)
-            else:
-                self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
+        if latest:
+            self.resume(engine, latest)
+            self._resumed_from = Path(latest)
+            if self.init_from is not None:
+                self.logger.info(f"init_from {self.init_from} not used: the resumed run keeps its own weights")
+        elif self.init_from is not None:
+            self.initialise(self.init_from)
+        elif self.auto_resume:
+            self.logger.info(f"No checkpoint in {self.ckpt_dir}: training from scratch")
         if self.clock is not None:
             self.clock.resumed(engine)
         self._start_iteration = engine.state.iteration
@@ -537,11 +555,8 @@ class TrainingCheckpointer:
                 f"to at least {needed} to continue it, or give this run another ckpt_dir to start afresh"
             )
             raise CheckpointDirError(msg)
-        saved_net = (ckpt.get("plans") or {}).get("network")
-        this_net = (self.plans or {}).get("network")
-        if saved_net is not None and this_net is not None and saved_net != this_net:
-            differ = ", ".join(f"{k} {saved_net.get(k)!r} there, {this_net.get(k)!r} now"
-                               for k in sorted(set(saved_net) | set(this_net)) if saved_net.get(k) != this_net.get(k))
+        differ = network_difference(ckpt.get("plans"), self.plans)
+        if differ:
             msg = (
                 f"{path}: this ckpt_dir holds a run of another network ({differ}); use the same network settings to "
                 "continue it, or give this run another ckpt_dir"
@@ -597,6 +612,42 @@ class TrainingCheckpointer:
             restore_rng_state(rng["now"], data.loader if data is not None else None, data.extra if data is not None else None)
         where = f" ({in_epoch} of {new_length} iterations into epoch {epochs_done + 1})" if in_epoch else ""
         self.logger.info(f"Resumed from {path} at epoch {state.epoch}, iteration {state.iteration}{where}")
+
+    def initialise(self, path: str | os.PathLike) -> None:
+        """Load the weights of a model file into the network: a new run starts from them (fine-tuning).
+
+        Only the weights: the optimizer, the LR schedule and the epoch count start afresh, and the patch size and
+        schedule may differ from the run that wrote the file (the networks are fully convolutional). The network
+        must be the same as the file's, as nnU-Net's ``-pretrained_weights`` requires: a file whose plans name
+        another network, or whose weights do not fit, is refused in one line. The weights' EMA, if any, restarts
+        from the loaded weights.
+
+        Args:
+            path: ``model.pt`` (weights with plans) or a training checkpoint (its ``"model"`` entry).
+
+        Raises:
+            MissingFileError: no such file.
+            ModelFileError: a file that cannot be read, of another network, or whose weights do not fit.
+        """
+        state, saved_plans = load_model_file(path, setting="init_from")
+        differ = network_difference(saved_plans, self.plans)
+        if differ:
+            msg = (
+                f"{path}: init_from holds the weights of another network ({differ}); use the file's network settings "
+                "(the patch size may differ), or leave init_from out"
+            )
+            raise ModelFileError(msg)
+        network = _unwrap(self.network)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or differently shaped weights: one line per problem
+            problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            msg = f"{path}: init_from's weights do not fit this run's network ({problems[0]}{more})"
+            raise ModelFileError(msg) from e
+        if self.ema is not None:
+            self.ema.load_state_dict({"model": network.state_dict(), "num_updates": 0})
+        self.logger.info(f"Initialised the weights from {path}: a new run (optimizer, LR schedule, epochs afresh)")
 
 
 class BestModelSaver:

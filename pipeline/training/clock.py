@@ -112,6 +112,7 @@ class TimeLimit:
 
     def resumed(self, engine: Engine) -> None:
         """Called by the checkpointer at ``STARTED`` once it has restored a checkpoint (or found none)."""
+        self._fresh = engine.state.iteration == 0  # a fresh run must hold one epoch (_check_one_epoch)
         if self.fit is not None:
             self.fit.resumed(engine)
 
@@ -138,7 +139,6 @@ class TimeLimit:
             msg = (f"time_limit {format_eta(self.limit_s or 0)}: the time is up before training starts "
                    f"({format_eta(time.time() - self.start)} since the job started); give a longer time_limit")
             raise SettingsError(msg)
-        self._fresh = engine.state.iteration == 0
 
     def _epoch_started(self, engine: Engine) -> None:
         self._last = time.monotonic()

@@ -3,7 +3,9 @@
 A run's curves, history and TensorBoard events go to ``<output_dir>/runs/<start time>/``, so two runs never
 overwrite each other's files and ``tensorboard --logdir <output_dir>/runs`` shows them apart. The run's name is
 recorded in ``<ckpt_dir>/run_name.txt`` when it starts from scratch; a run that will resume from a checkpoint of
-that folder (``auto_resume`` and a readable checkpoint there) takes the recorded name and continues its folder.
+that folder (``auto_resume`` and a readable checkpoint there) takes the recorded name and continues its folder;
+so does a run continued from a read-only copy of an earlier run's checkpoints (``resume_from``, which is copied
+into ``ckpt_dir`` first: :mod:`pipeline.training.continuation`).
 ``<output_dir>/latest_run`` is a symbolic link to the newest run's folder.
 """
 
@@ -40,31 +42,43 @@ def _point_latest(output_dir: Path, name: str) -> None:
     atomic_symlink(f"runs/{name}", link)  # relative: the output folder can be moved
 
 
-def run_dir(output_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, auto_resume: bool = True) -> str:
+def run_dir(
+    output_dir: str | os.PathLike,
+    ckpt_dir: str | os.PathLike,
+    auto_resume: bool = True,
+    resume_from: str | os.PathLike | None = None,
+) -> str:
     """The folder of this training run: the resumed run's own, or a new one.
 
-    A checkpoint the run will resume from (``auto_resume`` and a readable checkpoint in ``ckpt_dir``) means the
-    run continues the one named in ``ckpt_dir/run_name.txt``; otherwise the run is new and gets a folder named
-    for its start time, which is recorded there. On rank 0 the folder is created and ``output_dir/latest_run``
-    pointed at it; other ranks (which write nothing there) only compute the path.
+    With ``resume_from`` its newest checkpoint (with its run record, ``model.pt`` and run folder) is first copied
+    into ``ckpt_dir`` on rank 0 (:func:`pipeline.training.continuation.import_run`), unless ``ckpt_dir`` holds one
+    as far already. Then a checkpoint the run will resume from (``auto_resume`` and a readable checkpoint in
+    ``ckpt_dir``) means the run continues the one named in ``ckpt_dir/run_name.txt``; otherwise the run is new and
+    gets a folder named for its start time, which is recorded there. On rank 0 the folder is created and
+    ``output_dir/latest_run`` pointed at it; other ranks (which write nothing there) only compute the path.
 
     Args:
         output_dir: the bundle's output folder; runs go to ``output_dir/runs``.
         ckpt_dir: the training's checkpoint folder.
         auto_resume: whether the trainer resumes from ``ckpt_dir`` (``train.yaml``'s ``auto_resume``).
+        resume_from: an earlier run's checkpoint folder or checkpoint file (read only), or None.
 
     Returns:
         ``<output_dir>/runs/<name>``.
 
     Example::
 
-        run_dir: "$pipeline.training.runs.run_dir(@output_dir, @ckpt_dir, @auto_resume)"
+        run_dir: "$pipeline.training.runs.run_dir(@output_dir, @ckpt_dir, @auto_resume, @resume_from)"
     """
     from pipeline.training.checkpoint import find_latest_checkpoint
     from pipeline.training.lock import lock_ckpt_dir
     from pipeline.utils.distributed import is_main_process
 
     lock_ckpt_dir(ckpt_dir)  # a second run on this folder stops here, before it touches the run record
+    if auto_resume and resume_from is not None and is_main_process():
+        from pipeline.training.continuation import import_run
+
+        import_run(resume_from, ckpt_dir, output_dir)
 
     output, record = Path(output_dir), Path(ckpt_dir) / RUN_RECORD
     name = None

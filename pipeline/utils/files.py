@@ -18,7 +18,15 @@ import torch
 
 from pipeline.utils.errors import DiskError
 
-__all__ = ["MIN_FREE_MARGIN", "atomic_save", "atomic_symlink", "atomic_write", "atomic_write_bytes"]
+__all__ = [
+    "MIN_FREE_MARGIN",
+    "atomic_copy",
+    "atomic_copytree",
+    "atomic_save",
+    "atomic_symlink",
+    "atomic_write",
+    "atomic_write_bytes",
+]
 
 MIN_FREE_MARGIN = 1 << 20  # bytes left free beyond a write's expected size: the filesystem needs some for metadata
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -106,15 +114,20 @@ def atomic_write(
         full = isinstance(e, Exception) and tmp is not None and _free_bytes(path.parent) < MIN_FREE_MARGIN
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        code = _os_errno(e)
-        if code in _DISK_ERRNOS or full:
-            raise _disk_full(path, max(size_hint or 0, written)) from e
-        if code in _ACCESS_ERRNOS:
-            msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
-            raise DiskError(code, msg) from e
+        _raise_disk_error(e, path, max(size_hint or 0, written), full)
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _raise_disk_error(e: BaseException, path: Path, needed: int, full: bool = False) -> None:
+    """Raise the :class:`DiskError` for a failed write of ``path`` when ``e`` is a full disk or a refused write."""
+    code = _os_errno(e)
+    if code in _DISK_ERRNOS or full:
+        raise _disk_full(path, needed) from e
+    if code in _ACCESS_ERRNOS:
+        msg = f"{path}: cannot write here ({os.strerror(code)}); choose a writable folder"
+        raise DiskError(code, msg) from e
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -152,6 +165,56 @@ def atomic_symlink(target: str, link: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
     _fsync_folder(link.parent)
     return link
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the file ``src`` to ``dst`` through :func:`atomic_write`: ``dst`` holds the old file or the whole copy.
+
+    Only the content is copied: ``dst`` is an ordinary writable file even when ``src`` is read-only.
+
+    Returns:
+        ``dst``.
+    """
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20), size_hint=size)
+
+
+def atomic_copytree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the folder ``src`` to ``dst``, which must not exist, so that ``dst`` appears whole or not at all.
+
+    The copy is made in a hidden temporary folder beside ``dst`` (removed on any error) and renamed to ``dst``.
+    Only contents are copied: the copy is writable even when ``src`` is read-only.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        DiskError: no space left, or no permission to write there.
+        OSError: ``dst`` exists.
+    """
+    src, dst = Path(src), Path(dst)
+    needed = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    if _free_bytes(dst.parent) < needed + MIN_FREE_MARGIN:
+        raise _disk_full(dst, needed)
+    tmp = None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; outputs are ordinary folders
+        for folder, _, files in os.walk(src):
+            target = tmp / Path(folder).relative_to(src)
+            target.mkdir(exist_ok=True)
+            for name in files:
+                shutil.copyfile(Path(folder) / name, target / name)
+        os.rename(tmp, dst)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_error(e, dst, needed)
+        raise
+    _fsync_folder(dst.parent)
+    return dst
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
