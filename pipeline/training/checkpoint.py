@@ -69,7 +69,7 @@ from pipeline.model.plans import (
 )
 from pipeline.training.lock import dir_lock
 from pipeline.training.rng import RngState, capture_rng_state, restore_rng_state
-from pipeline.utils.errors import CheckpointDirError, Preempted, pass_on
+from pipeline.utils.errors import CheckpointDirError, Preempted, SettingsError, pass_on
 from pipeline.utils.files import atomic_save
 from pipeline.utils.signals import SignalFlag
 from pipeline.utils.timing import format_eta
@@ -384,11 +384,18 @@ class TrainingCheckpointer:
         clock are read on rank 0, a signal on any rank counts. One all-reduce under DDP."""
         rank0 = idist.get_rank() == 0
         due = bool(self.interval_s) and rank0 and time.monotonic() - self._last_save >= self.interval_s
-        cut = self.clock is not None and engine is not None and rank0 and self.clock.due(engine)
+        clock = self.clock if engine is not None and rank0 else None
+        refusal = clock.refusal(engine) if clock is not None and hasattr(clock, "refusal") else None
+        cut = clock is not None and clock.due(engine)
         signum = self._signals.signum
         if idist.get_world_size() > 1:
-            flags = idist.all_reduce(torch.tensor([int(due), signum, int(cut)], dtype=torch.int64), op="MAX")
+            flags = [int(due), signum, int(cut), int(refusal is not None)]
+            flags = idist.all_reduce(torch.tensor(flags, dtype=torch.int64), op="MAX")
             due, signum, cut = bool(flags[0]), int(flags[1]), bool(flags[2])
+            if flags[3] and refusal is None:
+                refusal = "time_limit too short for one epoch (rank 0 says how long it needs)"
+        if refusal is not None:  # every rank at once: none waits in a collective for another
+            raise SettingsError(refusal)
         return due, signum, cut
 
     def _preempted(self, engine: Engine, signum: int, path: Path | None) -> Preempted:

@@ -23,8 +23,8 @@ training stops when 1.5 iterations and what stopping costs, times ``safety``, no
 deadline. The checkpointer then validates the weights (unless this epoch's validation just did), writes a
 checkpoint that resumes exactly, logs the cut and terminates the trainer; the run ends with exit code 0.
 
-A limit that cannot fit one epoch and what follows it is refused after the first five iterations of a fresh run,
-with the minimum in the message (:class:`pipeline.utils.errors.SettingsError`, exit code 2).
+A limit that cannot fit one epoch and what follows it is refused after the first five iterations of a fresh run (or
+before the clock would cut it), on every rank at once, with the minimum in the message (:class:`pipeline.utils.errors.SettingsError`, exit code 2).
 """
 
 from __future__ import annotations
@@ -153,9 +153,6 @@ class TimeLimit:
         if self._last is not None:
             self._steps.append(now - self._last)
         self._last = now
-        if not self._checked and len(self._steps) >= min(5, engine.state.epoch_length or 5):
-            self._checked = True
-            self._check_one_epoch(engine)
 
     def _val_started(self, engine: Engine) -> None:
         self._val_start = time.monotonic()
@@ -225,21 +222,25 @@ class TimeLimit:
         return (f"validation ~{format_eta(self.validation_estimate())}, checkpoint ~{format_eta(self.save_s)}"
                 f", inference ~{format_eta(self.inference_estimate())}, x{self.safety:g}, + 10 s + 3 % of the limit")
 
-    def _check_one_epoch(self, engine: Engine) -> None:
-        """A fresh run whose limit cannot hold one epoch and what follows it is refused, with the minimum."""
-        if not getattr(self, "_fresh", False) or self.iteration_s is None:
-            return
+    def refusal(self, engine: Engine) -> str | None:
+        """Why this fresh run's limit cannot hold one epoch and what follows it (with the minimum), else None.
+        Judged once, after five iterations (or earlier, when the clock would cut the run before that); the
+        checkpointer asks on rank 0 and every rank raises :class:`SettingsError` together."""
+        if self._checked or not getattr(self, "_fresh", False) or self.iteration_s is None:
+            return None
+        if len(self._steps) < min(5, engine.state.epoch_length or 5) and not self.due(engine):
+            return None
+        self._checked = True
         length = engine.state.epoch_length or 1
         elapsed = time.time() - self.start
         need = elapsed + length * self.iteration_s + self.stop_cost()
         self.logger.info(f"time_limit: one epoch ~{format_eta(length * self.iteration_s)} "
                          f"({length} iterations), after training: {self.describe()}")
-        if need > (self.limit_s or 0):
-            msg = (f"time_limit {format_eta(self.limit_s or 0)} is too short for one epoch: "
-                   f"{format_eta(elapsed)} already used (data check, store build), one epoch "
-                   f"~{format_eta(length * self.iteration_s)}, then {self.describe()}: give at least "
-                   f"{format_eta(need)}")
-            raise SettingsError(msg)
+        if need <= (self.limit_s or 0):
+            return None
+        return (f"time_limit {format_eta(self.limit_s or 0)} is too short for one epoch: {format_eta(elapsed)} already "
+                f"used (data check, store build), one epoch ~{format_eta(length * self.iteration_s)}, then "
+                f"{self.describe()}: give at least {format_eta(need)}")
 
 
 AUTO = "auto"

@@ -60,6 +60,28 @@ def test_estimates_before_and_after_a_validation_and_the_decision() -> None:
     assert clock.due(None)
 
 
+def test_a_limit_too_short_for_one_epoch_is_refused_with_the_minimum() -> None:
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(state=SimpleNamespace(epoch_length=1000, iteration=0))
+    clock = TimeLimit("1h", start=time.time())
+    clock.resumed(engine)  # a fresh run
+    clock._steps.extend([0.5] * 4)
+    assert clock.refusal(engine) is None  # judged after five iterations
+    clock._steps.append(5.0)  # the median stays 0.5 s: 1000 iterations fit in an hour
+    assert clock.refusal(engine) is None and clock.refusal(engine) is None  # judged once
+    slow = TimeLimit("1h", start=time.time())
+    slow.resumed(engine)
+    slow._steps.extend([4.0] * 5)  # 4000 s for one epoch
+    why = slow.refusal(engine)
+    assert why.startswith("time_limit 1:00:00 is too short for one epoch") and "give at least 1:" in why
+    engine.state.iteration = 50
+    resumed = TimeLimit("1h", start=time.time())
+    resumed.resumed(engine)  # a resumed run goes on as far as the limit lets it
+    resumed._steps.extend([4.0] * 5)
+    assert resumed.refusal(engine) is None
+
+
 class _CutAt:
     """A clock that calls the stop at one iteration (the decision's arithmetic is tested above)."""
 
