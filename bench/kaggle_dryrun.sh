@@ -4,7 +4,8 @@
 #
 #   sudo bash bench/kaggle_dryrun.sh                          # 40 synthetic volumes of 320^3, one process
 #   sudo bash bench/kaggle_dryrun.sh --nproc 2                # 2-process gloo DDP
-#   sudo bash bench/kaggle_dryrun.sh --n 6 --size 96 --limit1 90 --limit2 10m   # a quick look
+#   sudo bash bench/kaggle_dryrun.sh --n 6 --size 96 --epochs 30 --limit1 60 --limit2 10m   # a quick look
+#   sudo bash bench/kaggle_dryrun.sh ... -- --val_max_cases 2          # after --: bundle keys for both sessions
 #
 # As on Kaggle (README "On Kaggle"):
 # - the project installed from its wheel in a fresh venv outside the repository (it sees this interpreter's torch,
@@ -26,6 +27,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 N=40 SIZE=320 NPROC=1 EPOCHS=3 LIMIT1=20m LIMIT2=2h WORK=/tmp/kaggle_dryrun DATA=
 PY=${PYTHON:-python3}
+EXTRA=()                                           # after --: more bundle keys for both sessions
 while [ $# -gt 0 ]; do
   case "$1" in
     --n) N=$2; shift 2 ;;
@@ -36,6 +38,7 @@ while [ $# -gt 0 ]; do
     --limit2) LIMIT2=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
     *) echo "error: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -116,7 +119,7 @@ session() {  # session NAME LIMIT [extra pipeline args]: one notebook session, i
     cd "$dir"   # /kaggle/working
     exec unshare -n bash -c 'ip link set lo up && exec "$@"' _ "$VENV/bin/python" -m pipeline \
       --dataset_dir "$RUN/input" --output_dir "$dir/outputs" --ckpt_dir "$dir/models" --cache_dir "$RUN/fs/store" \
-      --nproc "$NPROC" --epochs "$EPOCHS" --time_limit "$limit" "$@"
+      --nproc "$NPROC" --epochs "$EPOCHS" --time_limit "$limit" "${EXTRA[@]}" "$@"
   ) > "$dir/log.txt" 2>&1
   rc=$?
   set -e

@@ -149,7 +149,23 @@ def _inference_work(tests: list[dict], overrides: dict[str, Any]) -> dict[str, A
 
 
 def run_main_job(argv: list[str]) -> int:
-    """Train (or resume) and predict; print where everything is."""
+    """Train (or resume) and predict; print where everything is. ``time_limit`` counts from here: the start goes to
+    the processes the job runs in ``$PIPELINE_JOB_START``, set for the job only (a second job in this process, or a
+    bundle run after it, counts from its own start)."""
+    from pipeline.utils.timing import JOB_START_ENV
+
+    previous = os.environ.get(JOB_START_ENV)
+    os.environ[JOB_START_ENV] = repr(time.time())
+    try:
+        return _main_job(argv)
+    finally:
+        if previous is None:
+            os.environ.pop(JOB_START_ENV, None)
+        else:
+            os.environ[JOB_START_ENV] = previous
+
+
+def _main_job(argv: list[str]) -> int:
     args, rest = cli.main_parser().parse_known_args(argv)
     overrides = parse_overrides(rest)
     known = set().union(*(_top_keys(c) for c in (TRAIN_CONFIG, MULTI_GPU_CONFIG, INFER_CONFIG)))
@@ -170,7 +186,6 @@ def run_main_job(argv: list[str]) -> int:
         return 2
     from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
 
-    os.environ.setdefault(JOB_START_ENV, repr(time.time()))  # time_limit counts from here, in every process
     limit_s = parse_duration(overrides.get("time_limit"))
     from pipeline.data.datalist import DatasetError
 

@@ -20,6 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
+from pipeline.training.clock import PROVISIONAL_EPOCHS
 from pipeline.utils.errors import pass_on
 from pipeline.utils.timing import format_eta
 
@@ -93,6 +94,11 @@ def _warn_if_silent(logger: logging.Logger) -> None:
             stacklevel=3,
         )
 
+
+
+def _epochs_of(state: Any) -> str:
+    """The run's length for a progress line: its epochs, or ``auto`` until ``epochs: auto`` has fixed them."""
+    return "auto" if state.max_epochs == PROVISIONAL_EPOCHS else str(state.max_epochs)
 
 class ProgressHandler:
     """Per-epoch progress (iteration i/N, loss, LR, samples/s) and an ETA for the whole run.
@@ -197,7 +203,7 @@ class ProgressHandler:
         if self.use_bar and idist.get_rank() == 0:
             self._bar = tqdm(
                 total=engine.state.epoch_length,
-                desc=f"Epoch {engine.state.epoch}/{engine.state.max_epochs}",
+                desc=f"Epoch {engine.state.epoch}/{_epochs_of(engine.state)}",
                 file=sys.stdout,
                 dynamic_ncols=True,
                 leave=False,
@@ -229,13 +235,13 @@ class ProgressHandler:
             self._bar.update(1)
         elif not self.use_bar and (it_in_epoch % self.log_every == 0 or it_in_epoch == epoch_length):
             text = " ".join(f"{k} {v}" for k, v in fields.items())
-            epoch = f"Epoch {engine.state.epoch}/{engine.state.max_epochs}"
+            epoch = f"Epoch {engine.state.epoch}/{_epochs_of(engine.state)}"
             self.logger.info(f"{epoch} it {it_in_epoch}/{epoch_length} {text}")
 
     def _eta(self, engine: Engine) -> float | None:
         state = engine.state
-        if self.iter_time_s is None or state.epoch_length is None:
-            return None
+        if self.iter_time_s is None or state.epoch_length is None or state.max_epochs == PROVISIONAL_EPOCHS:
+            return None  # epochs: auto not fixed yet
         total = state.max_iters if state.max_iters is not None else state.max_epochs * state.epoch_length
         remaining_iters = max(total - state.iteration, 0)
         # the current epoch's end (validation, checkpointing) is still ahead at every iteration of the epoch
@@ -250,7 +256,7 @@ class ProgressHandler:
         mean_loss = f"{self._loss_sum / self._loss_count:.4f}" if self._loss_count else "n/a"
         elapsed = time.perf_counter() - self._epoch_start
         self.logger.info(
-            f"Epoch {engine.state.epoch}/{engine.state.max_epochs} done in {elapsed:.1f}s, "
+            f"Epoch {engine.state.epoch}/{_epochs_of(engine.state)} done in {elapsed:.1f}s, "
             f"mean loss {mean_loss}, ETA {format_eta(self.eta_s)}"
         )
 

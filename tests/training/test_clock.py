@@ -219,6 +219,7 @@ def test_epochs_auto_chooses_a_cycle_end_stores_it_and_keeps_it_on_resume(tiny_d
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-3000:]
     assert "epochs: auto:" in log and ("revised with the first validation measured" in log or "epochs, fixed" in log)
+    assert "Epoch 1/auto done in" in log  # the progress line until the choice
     saved = torch.load(find_latest_checkpoint(ckpt), weights_only=True)["trainer"]  # final, or the cut's (busy CPU)
     chosen = saved["epochs_chosen"]
     assert saved["max_epochs"] == chosen and chosen in cycle_ends(1, 2, 2, chosen)
@@ -230,3 +231,13 @@ def test_epochs_auto_chooses_a_cycle_end_stores_it_and_keeps_it_on_resume(tiny_d
     assert f"epochs: auto: keeping the {chosen} epochs chosen when the run started" in log
     final = torch.load(ckpt / FINAL_NAME, weights_only=True)["trainer"]
     assert final["epochs_chosen"] == final["epoch"] == chosen
+
+
+def test_the_job_start_is_set_for_the_job_only(monkeypatch, capsys) -> None:
+    from pipeline.cli.main import main
+    from pipeline.utils.timing import JOB_START_ENV
+
+    monkeypatch.delenv(JOB_START_ENV, raising=False)
+    assert main(["--time_limit", "11x"]) == 2  # in this process, as a notebook would call it
+    assert "is not a time limit" in capsys.readouterr().err
+    assert JOB_START_ENV not in os.environ  # a later job (or a bundle run) counts from its own start

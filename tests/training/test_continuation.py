@@ -146,6 +146,7 @@ def main():
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    root.handlers[:] = []  # an earlier test's handler may write to its captured stream, closed by now
     yield main
     root.handlers[:] = handlers
     root.setLevel(level)
