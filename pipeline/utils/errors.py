@@ -22,6 +22,7 @@ traceback, so the bundle configs import this module first: imported in a process
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import errno
 import logging
@@ -186,7 +187,8 @@ def report(exc: BaseException, stream: Any = None) -> int:
     if not expected:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
     for handler in logging.getLogger().handlers:  # log records (ignite's "terminating due to exception") first
-        handler.flush()
+        with contextlib.suppress(ValueError, OSError):  # a handler's closed stream must not hide the line below
+            handler.flush()
     sys.stdout.flush()
     if line:
         print(line, file=stream, flush=True)

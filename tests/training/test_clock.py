@@ -238,6 +238,8 @@ def test_the_job_start_is_set_for_the_job_only(monkeypatch, capsys) -> None:
     from pipeline.utils.timing import JOB_START_ENV
 
     monkeypatch.delenv(JOB_START_ENV, raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # an earlier in-process run's handler may hold a closed stream
     assert main(["--time_limit", "11x"]) == 2  # in this process, as a notebook would call it
     assert "is not a time limit" in capsys.readouterr().err
     assert JOB_START_ENV not in os.environ  # a later job (or a bundle run) counts from its own start
