@@ -8,8 +8,8 @@ holds the newest weights worth keeping), the checkpoint that resumes the run, an
 :class:`TimeLimit` keeps the deadline (``time_limit`` seconds after the job's start, :func:`pipeline.utils.timing.job_start`) and
 measures, while training runs, what stopping costs:
 
-- an iteration: the median of the last 25 iteration times within an epoch (data wait included, validation
-  excluded);
+- an iteration: the median of the last 25 iteration times within an epoch (data wait included; validation and an
+  epoch's first iteration, which waits for the loader's start or a resume's replay, excluded);
 - the validation: the last validation's seconds, and its voxels per second. Before the first validation it is
   estimated from the training step (a forward pass costs about a third of a training step: forward + backward),
   as sliding windows of the patch at ``val_overlap`` over the validation voxels;
@@ -141,7 +141,9 @@ class TimeLimit:
             raise SettingsError(msg)
 
     def _epoch_started(self, engine: Engine) -> None:
-        self._last = time.monotonic()
+        # an epoch's first iteration is not measured: it waits for the loader's start (workers, and on a mid-epoch
+        # resume the replay of the batches already trained), which is no iteration's cost
+        self._last = None if (engine.state.epoch_length or 0) > 1 else time.monotonic()
 
     @property
     def iteration_s(self) -> float | None:
@@ -212,10 +214,11 @@ class TimeLimit:
         return self.deadline - time.time()
 
     def due(self, engine: Engine) -> bool:
-        """Whether training must stop now: one more iteration and the stop's cost no longer fit."""
-        if not self.enabled or self.iteration_s is None:
+        """Whether training must stop now: one more iteration and the stop's cost no longer fit. Never on fewer
+        than two measured iterations, unless the deadline itself has passed."""
+        if not self.enabled or (len(self._steps) < 2 and self.left() > 0):
             return False
-        return self.left() <= 1.5 * self.iteration_s + self.stop_cost()
+        return self.left() <= 1.5 * (self.iteration_s or 0.0) + self.stop_cost()
 
     def describe(self) -> str:
         """What the stop reserves, for the log."""
@@ -228,7 +231,7 @@ class TimeLimit:
         checkpointer asks on rank 0 and every rank raises :class:`SettingsError` together."""
         if self._checked or not getattr(self, "_fresh", False) or self.iteration_s is None:
             return None
-        if len(self._steps) < min(5, engine.state.epoch_length or 5) and not self.due(engine):
+        if len(self._steps) < min(5, max(1, (engine.state.epoch_length or 6) - 1)) and not self.due(engine):
             return None
         self._checked = True
         length = engine.state.epoch_length or 1

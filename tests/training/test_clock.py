@@ -243,3 +243,11 @@ def test_the_job_start_is_set_for_the_job_only(monkeypatch, capsys) -> None:
     assert main(["--time_limit", "11x"]) == 2  # in this process, as a notebook would call it
     assert "is not a time limit" in capsys.readouterr().err
     assert JOB_START_ENV not in os.environ  # a later job (or a bundle run) counts from its own start
+
+
+def test_no_stop_on_one_measured_iteration_unless_the_time_is_up() -> None:
+    clock = TimeLimit("1h", start=time.time())
+    clock._steps.append(600.0)  # e.g. a step that waited for a resume's replay: not enough to judge by
+    assert not clock.due(None)
+    clock.deadline = time.time() - 1.0
+    assert clock.due(None)
