@@ -22,6 +22,7 @@ from pipeline.training.lock import LOCK_NAME
 from pipeline.utils.errors import SettingsError
 from pipeline.utils.timing import parse_duration
 from tests._ckpt_worker import build
+from tests._faults import ClockCutAt
 from tests.conftest import TINY_TRAIN
 from transforms.io import read_volume_shape
 
@@ -82,30 +83,6 @@ def test_a_limit_too_short_for_one_epoch_is_refused_with_the_minimum() -> None:
     assert resumed.refusal(engine) is None
 
 
-class _CutAt:
-    """A clock that calls the stop at one iteration (the decision's arithmetic is tested above)."""
-
-    enabled = True
-
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def due(self, engine) -> bool:
-        return engine.state.iteration == self.iteration
-
-    def left(self) -> float:
-        return 1.0
-
-    def describe(self) -> str:
-        return "test"
-
-    def saved(self, seconds: float) -> None:
-        pass
-
-    def resumed(self, engine) -> None:
-        pass
-
-
 def _eats_random_numbers(setup) -> None:
     """The validation draws from the global RNG (as a loader with workers does for its base seed)."""
     setup.evaluator.add_event_handler(Events.STARTED, lambda _: torch.rand(1))
@@ -118,7 +95,7 @@ def test_cut_by_the_clock_validates_saves_and_resumes_exactly(tmp_path: Path, at
     reference.trainer.run()
 
     ckpt = tmp_path / "ckpt"
-    cut = build(ckpt, seed=0, max_epochs=4, every_epochs=None, clock=_CutAt(at))
+    cut = build(ckpt, seed=0, max_epochs=4, every_epochs=None, clock=ClockCutAt(at))
     _eats_random_numbers(cut)
     with caplog.at_level(logging.WARNING):
         cut.trainer.run()  # ends normally: exit code 0
