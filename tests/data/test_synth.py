@@ -47,3 +47,18 @@ def test_synth_command(tmp_path, capsys):
 
     assert main(["synth", "--out", str(tmp_path / "s"), "--n_train", "2", "--n_test", "1"]) == 0
     assert (tmp_path / "s" / "train.csv").is_file() and len(list((tmp_path / "s" / "test_images").iterdir())) == 1
+
+
+# sha256 of image bytes + label bytes, computed with the generator as it was before `difficulty` existed
+EASY_PINS = {
+    ((40, 36, 44), 3, 1): "e8ca32d62e9f17085f23fe2a275fc6ae45eba4ab53fe6e71884a736d5c0f596e",
+    ((32, 32, 32), 7, 2): "54930fa21e98ad3a1867279738658188dd487235f37517277621a51c61b5a4a0",
+}
+
+
+@pytest.mark.parametrize(("shape", "seed", "scroll"), list(EASY_PINS))
+def test_easy_volumes_unchanged(shape, seed, scroll):
+    import hashlib
+
+    image, label = make_volume(shape, seed, scroll)
+    assert hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest() == EASY_PINS[(shape, seed, scroll)]
