@@ -1,7 +1,7 @@
 """``python -m pipeline``: the whole job (train or resume, then predict), and the project's other commands.
 
     python -m pipeline [--dataset_dir DIR] [--output_dir DIR] [--nproc N] [--<bundle key> VALUE ...]
-    python -m pipeline synth --out DIR [--seed S]
+    python -m pipeline synth --out DIR [--seed S] [--difficulty easy|hard]
     python -m pipeline score --pred submission.zip --labels DIR [--json] [--topo_mode exact|fast]   # exact by default
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
     python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
@@ -334,7 +334,7 @@ def run_synth(argv: list[str]) -> int:
 
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
     try:
-        out = generate_dataset(args.out, SynthConfig(seed=args.seed, **sizes))
+        out = generate_dataset(args.out, SynthConfig(seed=args.seed, difficulty=args.difficulty, **sizes))
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

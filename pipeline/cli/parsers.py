@@ -156,6 +156,10 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="everything is derived from it (default: %(default)s)")
     p.add_argument("--n_train", type=int, default=None, help="training volumes with labels (default: 12)")
     p.add_argument("--n_test", type=int, default=None, help="test volumes without labels (default: 3)")
+    p.add_argument("--difficulty", default="easy",
+                   help="easy: evenly spaced spiral wraps (the demo's and the tests' scrolls); hard: also wraps 1-3 "
+                   "voxels apart and touching, a crossing flap, varying thickness, air slits inside sheets, "
+                   "intensity drift, unlabeled blocks where wraps are closest (default: %(default)s)")
     return p
 
 

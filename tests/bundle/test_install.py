@@ -91,7 +91,7 @@ def test_editable_install_works_from_another_directory(tmp_path: Path) -> None:
 def _tracked_bundle_files() -> set[str]:
     files = {"LICENSE", "eval/schema.json"}
     for folder, patterns in (("configs", ("*.yaml", "*.json", "*.conf")), ("configs/recipes", ("*.yaml",)),
-                             ("docs", ("*.md", "*.txt"))):
+                             ("docs", ("*.md", "*.png", "*.txt"))):
         files |= {f"{folder}/{p.name}" for pattern in patterns for p in (REPO / "bundle" / folder).glob(pattern)}
     return files
 
