@@ -227,19 +227,26 @@ class TimeLimit:
 
     def refusal(self, engine: Engine) -> str | None:
         """Why this fresh run's limit cannot hold one epoch and what follows it (with the minimum), else None.
-        Judged once, after five iterations (or earlier, when the clock would cut the run before that); the
-        checkpointer asks on rank 0 and every rank raises :class:`SettingsError` together."""
+        Judged once, after five iterations (or earlier, when the deadline has passed); the checkpointer asks on
+        rank 0 and every rank raises :class:`SettingsError` together.
+
+        Refused only when the estimates themselves (one epoch, validation, checkpoint, inference) do not fit: the
+        first iterations of a run are its slowest (a cold page cache, a busy machine), so a limit that holds them
+        without the safety factor is tried, and the clock stops that run as early as it must. The minimum the
+        message gives includes the factor and the margin."""
         if self._checked or not getattr(self, "_fresh", False) or self.iteration_s is None:
             return None
-        if len(self._steps) < min(5, max(1, (engine.state.epoch_length or 6) - 1)) and not self.due(engine):
+        if len(self._steps) < min(5, max(1, (engine.state.epoch_length or 6) - 1)) and self.left() > 0:
             return None
         self._checked = True
         length = engine.state.epoch_length or 1
         elapsed = time.time() - self.start
         need = elapsed + length * self.iteration_s + self.stop_cost()
+        bare = (elapsed + length * self.iteration_s + self.validation_estimate() + self.save_s
+                + self.inference_estimate())
         self.logger.info(f"time_limit: one epoch ~{format_eta(length * self.iteration_s)} "
                          f"({length} iterations), after training: {self.describe()}")
-        if need <= (self.limit_s or 0):
+        if bare <= (self.limit_s or 0):
             return None
         return (f"time_limit {format_eta(self.limit_s or 0)} is too short for one epoch: {format_eta(elapsed)} already "
                 f"used (data check, store build), one epoch ~{format_eta(length * self.iteration_s)}, then "

@@ -76,6 +76,11 @@ def test_a_limit_too_short_for_one_epoch_is_refused_with_the_minimum() -> None:
     slow._steps.extend([4.0] * 5)  # 4000 s for one epoch
     why = slow.refusal(engine)
     assert why.startswith("time_limit 1:00:00 is too short for one epoch") and "give at least 1:" in why
+    # the estimates fit, the safety factor and margin do not: tried (the clock then stops it as early as it must)
+    borderline = TimeLimit("1h", start=time.time())
+    borderline.resumed(engine)
+    borderline._steps.extend([3.5] * 5)  # 3500 s for one epoch + 5 s fit; + 1.25 x 5 s + 10 s + 108 s do not
+    assert borderline.refusal(engine) is None
     engine.state.iteration = 50
     resumed = TimeLimit("1h", start=time.time())
     resumed.resumed(engine)  # a resumed run goes on as far as the limit lets it
@@ -142,6 +147,7 @@ def test_main_job_cut_by_the_clock_writes_its_submission_in_time(tiny_dataset: P
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "[pipeline] training (cut by the clock: stopped at checkpoint_epoch=" in job.stdout
     assert "training:       cut by the clock" in job.stdout
+    assert "post-processing: not tuned: training was cut by the clock" in job.stdout  # no time to choose it
     assert took < limit, f"the job took {took:.1f} s of its {limit} s"
     latest = find_latest_checkpoint(ckpt)
     assert latest is not None and (ckpt / "model.pt").is_file()
