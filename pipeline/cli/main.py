@@ -204,7 +204,7 @@ def _main_job(argv: list[str]) -> int:
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if limit_s is not None:  # the clock keeps time for the prediction of the test set after training
         train_overrides = {**_inference_work(tests, overrides), **train_overrides}
-    cut = None
+    cut = tuned = None
     if not args.skip_training and not _training_complete(train_overrides):
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
@@ -219,6 +219,12 @@ def _main_job(argv: list[str]) -> int:
             what = f"stopped by signal {rc - 128}, checkpoint saved" if rc > 128 else "failed"
             print(f"error: training {what} (exit code {rc}; rank logs in {logs}): not predicting", file=sys.stderr)
             return rc
+        if args.no_tune:
+            tuned = "not tuned (--no_tune): the model file's setting is used"
+        elif cut:
+            tuned = "not tuned: training was cut by the clock, the time left is the prediction's"
+        else:
+            tuned = _tune(train_overrides, overrides, tests, args, limit_s)
     model = Path(overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE)))
     if model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
@@ -236,10 +242,57 @@ def _main_job(argv: list[str]) -> int:
     if limit_s is not None:
         used = time.time() - float(os.environ[JOB_START_ENV])
         print(f"  time:           {format_eta(used)} of time_limit {format_eta(limit_s)}")
+    if tuned:
+        print(f"  post-processing: {tuned}")
     if cut:
         print(f"  training:       cut by the clock ({cut}); the submission is written from the best model so far. "
               "Run the same command again (in the next session: with resume_from the saved ckpt_dir) to continue")
     return 0
+
+
+def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: list[dict], args: argparse.Namespace,
+          limit_s: float | None) -> str:
+    """After training: choose the post-processing on the validation cases training validated on, as nnU-Net's
+    ``find_best_configuration`` does: ``python -m pipeline tune``'s sweep of
+    :data:`pipeline.evaluation.tune.MAIN_JOB_GRID`, the best setting written into the model file, which the
+    prediction then uses. Under ``time_limit`` it scores volumes only while the prediction still fits after it.
+
+    Returns:
+        The summary's line: what was chosen and the validation gain, or why nothing was tuned.
+    """
+    from pipeline.model.plans import POSTPROCESSING_KEYS
+
+    given = [k for k in POSTPROCESSING_KEYS if k in overrides]
+    if given:
+        return f"not tuned: {', '.join(given)} given on the command line (they win at inference)"
+    if "model_path" in overrides:
+        return f"not tuned: --model_path {overrides['model_path']} is not this training's model"
+    if args.nnodes > 1:
+        return "not tuned: a multi-node job (run python -m pipeline tune on one machine, then predict)"
+    from pipeline.cli import tune as tune_cli
+    from pipeline.evaluation.tune import EVALUATE_CONFIGS, MAIN_JOB_GRID, Deadline, TimeUp
+    from pipeline.utils.timing import JOB_START_ENV
+
+    with open(TRAIN_CONFIG) as f:  # the cases training validated on (evaluate.yaml's default is every case)
+        val_max_cases = overrides.get("val_max_cases", yaml.safe_load(f)["val_max_cases"])
+    keys = route_overrides(train_overrides, *(CONFIGS / c for c in EVALUATE_CONFIGS))
+    keys = {k: v for k, v in keys.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
+    keys["val_max_cases"] = val_max_cases
+    deadline = None
+    if limit_s is not None:
+        end = float(os.environ[JOB_START_ENV]) + limit_s
+        deadline = Deadline(end=end, follow_voxels=_inference_work(tests, overrides)["inference_voxels"])
+    with _Stage("choosing the post-processing on the validation cases") as stage:
+        try:
+            report = tune_cli.tune(keys, MAIN_JOB_GRID, deadline=deadline, top=5)
+        except TimeUp as e:
+            stage.what = "choosing the post-processing: no time left"
+            return f"not tuned: {e}; the model file's setting is used"
+    best, default = report["best"], report["default"]
+    chosen = ", ".join(f"{k} {best[k]}" for k in POSTPROCESSING_KEYS if best[k] is not None)
+    stopped = f", stopped early: {report['stopped']}" if report["stopped"] else ""
+    return (f"{chosen}: chosen on {len(report['volumes'])} validation volume(s), score {default['score']:.4f} with "
+            f"the previous setting -> {best['score']:.4f}{stopped} (every row: {Path(args.output_dir) / 'tuning.json'})")
 
 
 def _cut_by_clock(overrides: dict[str, Any]) -> str | None:

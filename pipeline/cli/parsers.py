@@ -97,6 +97,10 @@ def main_parser() -> argparse.ArgumentParser:
                    help="where the synthetic default dataset is generated when no --dataset_dir is given "
                    "(default: %(default)s)")
     p.add_argument("--skip_training", action="store_true", help="predict with the existing model.pt")
+    p.add_argument("--no_tune", action="store_true",
+                   help="after training, predict with the model file's post-processing as it is; by default the job "
+                   "sweeps threshold and post-processing on the validation cases (python -m pipeline tune's sweep, "
+                   "within --time_limit) and predicts with the best")
     p.add_argument("--recipe", default=None,
                    help=f"settings for a machine: a name in bundle/configs/recipes ({', '.join(recipe_names())}) or a "
                    "YAML file of bundle keys; --key value options still win")

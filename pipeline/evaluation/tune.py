@@ -23,7 +23,9 @@ scores settings in parallel processes.
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -42,7 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVALUATE_CONFIGS",
+    "MAIN_JOB_GRID",
+    "Deadline",
     "PostprocessingSweep",
+    "TimeUp",
     "SweepGrid",
     "format_overrides",
     "score_settings",
@@ -125,18 +130,66 @@ class SweepGrid:
         return out
 
 
-def score_settings(probs: np.ndarray, label: np.ndarray, settings: Sequence[Setting]) -> list[dict[str, float]]:
+MAIN_JOB_GRID = SweepGrid(hysteresis_high=(None,))
+"""The grid ``python -m pipeline`` sweeps after training (72 settings: threshold x closing x hole plugging x
+minimum component size; hysteresis, which doubles the cost, only on ``python -m pipeline tune``)."""
+
+
+class TimeUp(Exception):
+    """The sweep's :class:`Deadline` passed before a volume had every setting scored."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a sweep must stop: the time by which the job must be done, less the prediction that follows the sweep,
+    estimated from the sweep's own sliding-window speed.
+
+    Args:
+        end: the job's limit, as ``time.time()``.
+        follow_voxels: voxel passes of the prediction after the sweep (test voxels x its TTA passes).
+        factor: safety factor on the prediction's estimate (the training clock's 1.25).
+        margin_s: seconds kept besides (writing the masks and the zip).
+
+    Example::
+
+        deadline = Deadline(end=job_start + 9 * 3600, follow_voxels=3 * 320**3 * 8)
+        deadline.at(seconds_per_voxel=2e-6)  # the time.time() by which the sweep must be done
+    """
+
+    end: float
+    follow_voxels: int = 0
+    factor: float = 1.25
+    margin_s: float = 10.0
+
+    def at(self, seconds_per_voxel: float) -> float:
+        """The sweep's own deadline, given the measured sliding-window seconds per voxel pass."""
+        return self.end - self.factor * self.follow_voxels * seconds_per_voxel - self.margin_s
+
+
+def score_settings(
+    probs: np.ndarray, label: np.ndarray, settings: Sequence[Setting], deadline: float | None = None
+) -> list[dict[str, float]]:
     """Post-process one volume's probabilities with each setting and score the masks against the label.
 
     Args:
         probs: probabilities, channel-first ``(1, Z, Y, X)``.
         label: label ``(Z, Y, X)`` in {0, 1, 2}.
         settings: dicts of :func:`transforms.postprocess.build_postprocessing` arguments.
+        deadline: a ``time.time()`` after which no further setting is started.
 
     Returns:
         One :func:`pipeline.evaluation.score.score_volume` dict per setting.
+
+    Raises:
+        TimeUp: ``deadline`` passed before the last setting was scored.
     """
-    return [score_volume(np.asarray(build_postprocessing(**s)(probs))[0], label) for s in settings]
+    rows = []
+    for s in settings:
+        if deadline is not None and time.time() > deadline:
+            msg = f"{len(rows)} of {len(settings)} settings scored"
+            raise TimeUp(msg)
+        rows.append(score_volume(np.asarray(build_postprocessing(**s)(probs))[0], label))
+    return rows
 
 
 class PostprocessingSweep:
@@ -148,6 +201,10 @@ class PostprocessingSweep:
         id_key: batch key holding the case id.
         executor: a process pool to score the settings in parallel; None scores them in this process.
         chunks: number of parallel tasks per volume (usually the pool's worker count).
+        deadline: when set, a volume is scored only while the time left covers the prediction after the sweep
+            (estimated from this sweep's sliding-window speed, ``passes`` per voxel); a volume not finished by then
+            is dropped, the evaluator terminated, and the settings ranked on the volumes scored in full.
+        passes: the evaluator's forward passes per voxel (its TTA flips).
 
     Example::
 
@@ -158,36 +215,64 @@ class PostprocessingSweep:
     """
 
     def __init__(
-        self, settings: Sequence[Setting], id_key: str = "id", executor: Executor | None = None, chunks: int = 1
+        self,
+        settings: Sequence[Setting],
+        id_key: str = "id",
+        executor: Executor | None = None,
+        chunks: int = 1,
+        deadline: Deadline | None = None,
+        passes: int = 1,
     ) -> None:
         self.settings = [dict(s) for s in settings]
         self.id_key = id_key
         self.executor = executor
         self.chunks = max(1, chunks)
+        self.deadline = deadline
+        self.passes = max(1, passes)
         self.scores: dict[str, list[dict[str, float]]] = {}
+        self.stopped: str | None = None  # why the sweep stopped before the last volume, if it did
+        self._model_s = 0.0  # sliding-window seconds and voxel passes so far: the speed the deadline uses
+        self._voxels = 0
+        self._started = 0.0
 
     def attach(self, engine: Engine) -> None:
         """Score each predicted volume when its iteration completes."""
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self._started = time.monotonic()
 
     def __call__(self, engine: Engine) -> None:
         batch = engine.state.batch
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         ids = [item[self.id_key] for item in batch] if isinstance(batch, list) else list(batch[self.id_key])
+        self._model_s += time.monotonic() - self._started
+        self._voxels += sum(math.prod(item[Keys.PRED].shape[-3:]) for item in outputs) * self.passes
+        until = None if self.deadline is None else self.deadline.at(self._model_s / max(self._voxels, 1))
         for case, item in zip(map(str, ids), outputs):
             probs = item[Keys.PRED].detach().float().cpu().numpy()
             label = item[Keys.LABEL].detach().cpu().numpy()
-            self.scores[case] = self._score(probs, label.reshape(label.shape[-3:]))
+            try:
+                self.scores[case] = self._score(probs, label.reshape(label.shape[-3:]), until)
+            except TimeUp as e:
+                self.stopped = (f"time is up at validation volume {len(self.scores) + 1} ({case}: {e}); "
+                                f"ranked on the {len(self.scores)} volume(s) scored in full")
+                engine.logger.info("tuning: %s", self.stopped)
+                engine.terminate()
+                return
             best = max(row["score"] for row in self.scores[case])
             engine.logger.info("tuning: %s scored with %d settings (best %.4f)", case, len(self.settings), best)
 
-    def _score(self, probs: np.ndarray, label: np.ndarray) -> list[dict[str, float]]:
+    def _score(self, probs: np.ndarray, label: np.ndarray, until: float | None) -> list[dict[str, float]]:
         if self.executor is None or self.chunks == 1:
-            return score_settings(probs, label, self.settings)
+            return score_settings(probs, label, self.settings, until)
         parts = [list(part) for part in np.array_split(np.arange(len(self.settings)), self.chunks) if len(part)]
-        futures = [self.executor.submit(score_settings, probs, label, [self.settings[i] for i in p]) for p in parts]
+        futures = [
+            self.executor.submit(score_settings, probs, label, [self.settings[i] for i in p], until) for p in parts
+        ]
         return [row for future in futures for row in future.result()]
 
     def rows(self) -> list[dict[str, Any]]:
@@ -197,8 +282,9 @@ class PostprocessingSweep:
             RuntimeError: when no volume has been scored.
         """
         if not self.scores:
-            msg = "no volume was scored: the validation split is empty or the evaluator did not run"
-            raise RuntimeError(msg)
+            msg = ("no volume was scored: " + self.stopped if self.stopped else
+                   "no volume was scored: the validation split is empty or the evaluator did not run")
+            raise TimeUp(msg) if self.stopped else RuntimeError(msg)
         rows = []
         for i, setting in enumerate(self.settings):
             per_volume = {case: scores[i] for case, scores in self.scores.items()}
@@ -207,7 +293,13 @@ class PostprocessingSweep:
         return sorted(rows, key=lambda row: -row["score"])
 
 
-def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -> list[dict[str, Any]]:
+def sweep(
+    parser: ConfigParser,
+    settings: Sequence[Setting],
+    workers: int = 1,
+    deadline: Deadline | None = None,
+    stopped: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Run the bundle's evaluator once over the validation split and score ``settings`` on every volume.
 
     The evaluator keeps its network, data, checkpoint loader, sliding window (and TTA) and autocast; its
@@ -217,9 +309,15 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
         parser: ``train.yaml`` + ``evaluate.yaml`` (:data:`EVALUATE_CONFIGS`), modified in place.
         settings: the settings to score.
         workers: processes that score settings in parallel (1 = in this process).
+        deadline: stop scoring volumes when the prediction after the sweep would not fit (see
+            :class:`PostprocessingSweep`); the rows then cover the volumes scored in full.
+        stopped: a list that gets why the sweep stopped early, when it did.
 
     Returns:
         :meth:`PostprocessingSweep.rows`, best first.
+
+    Raises:
+        TimeUp: ``deadline`` passed before one volume was scored in full.
     """
     parser["validate#postprocessing"] = None
     parser["validate#key_metric"] = None
@@ -231,12 +329,16 @@ def sweep(parser: ConfigParser, settings: Sequence[Setting], workers: int = 1) -
         ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     )
     try:
-        handler = PostprocessingSweep(settings, executor=executor, chunks=workers)
+        tta = bool(parser.get_parsed_content("tta"))
+        passes = 2 ** len(parser.get_parsed_content("tta_axes")) if tta else 1
+        handler = PostprocessingSweep(settings, executor=executor, chunks=workers, deadline=deadline, passes=passes)
         handler.attach(evaluator)
         evaluator.run()
     finally:
         if executor is not None:
-            executor.shutdown()
+            executor.shutdown(cancel_futures=True)
+    if stopped is not None and handler.stopped:
+        stopped.append(handler.stopped)
     return handler.rows()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.cli.main import parse_overrides, route_overrides
 from pipeline.data.datalist import prepare_datalists
+from pipeline.model.plans import POSTPROCESSING_KEYS, load_model_file
 from pipeline.training.checkpoint import completed_epochs
 from tests.conftest import TINY_TRAIN
 
@@ -47,6 +48,14 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     first = _main(base)
     assert "submission:" in first.stdout and (out / "submission.zip").is_file()
     assert (ckpt / "model.pt").is_file()
+    # the post-processing is chosen on the validation cases after training (the sweep's best, written into
+    # model.pt), and the prediction uses it
+    report = json.loads((out / "tuning.json").read_text())
+    plans = load_model_file(ckpt / "model.pt")[1]
+    assert plans["postprocessing"] == {k: report["best"][k] for k in POSTPROCESSING_KEYS}
+    assert plans["tuning"]["volumes"] == report["volumes"] == sorted(
+        c["id"] for c in prepare_datalists(tiny_dataset, check=False)["val"])
+    assert f"-> {report['best']['score']:.4f}" in first.stdout.split("  post-processing: ")[1]
     assert completed_epochs(ckpt) == TINY_TRAIN["epochs"]
     for stage in ("[pipeline] checked 5 training cases (image + label) and 2 test volumes:", "[pipeline] training:",
                   "[pipeline] predicting 2 test volumes:"):
@@ -65,6 +74,7 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     (out / "submission.zip").unlink()
     again = _main(base)
     assert "training already complete" in again.stdout  # straight to inference
+    assert "choosing the post-processing" not in again.stdout  # tuned after the training that made the model
     assert (out / "submission.zip").is_file()
 
     more = _main([*base, "--epochs", "3"])  # raising epochs on a finished run continues it

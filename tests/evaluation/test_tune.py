@@ -137,3 +137,38 @@ def test_tune_without_a_checkpoint_says_what_to_do(tiny_dataset, tmp_path, capsy
     argv = ["--dataset_dir", str(tiny_dataset), "--ckpt_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path)]
     assert main(argv) == 2
     assert "model.pt: not found; train a model first" in capsys.readouterr().err
+
+
+def test_deadline_leaves_the_prediction_its_time_and_stops_scoring_when_passed():
+    import time
+
+    import numpy as np
+
+    from pipeline.evaluation.tune import Deadline, TimeUp, score_settings
+
+    deadline = Deadline(end=1000.0, follow_voxels=2_000_000, factor=1.25, margin_s=10.0)
+    assert deadline.at(seconds_per_voxel=1e-5) == pytest.approx(1000.0 - 1.25 * 20.0 - 10.0)
+    probs = np.random.default_rng(0).random((1, 16, 16, 16)).astype(np.float32)
+    label = (probs[0] > 0.5).astype(np.uint8)
+    settings = [DEFAULT, {**DEFAULT, "threshold": 0.7}]
+    assert len(score_settings(probs, label, settings, deadline=time.time() + 600)) == 2
+    with pytest.raises(TimeUp, match="0 of 2 settings scored"):
+        score_settings(probs, label, settings, deadline=time.time() - 1)
+
+
+def test_tune_under_a_passed_deadline_writes_nothing(tiny_dataset, tiny_model_dir, tmp_path, capsys):
+    """The main job's sweep under time_limit: no time left for one volume is TimeUp, the model file untouched."""
+    import time
+
+    from pipeline.cli.tune import tune
+    from pipeline.evaluation.tune import Deadline, TimeUp
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)
+    before = (models / "model.pt").read_bytes()
+    overrides = {"dataset_dir": str(tiny_dataset), "ckpt_dir": str(models), "output_dir": str(tmp_path / "out"),
+                 "amp": False}
+    with pytest.raises(TimeUp, match="no volume was scored: time is up at validation volume 1"):
+        tune(overrides, SweepGrid((0.5,), (None,), (0,), (True,), (0,)), deadline=Deadline(end=time.time() + 5,
+             follow_voxels=10**12))
+    assert (models / "model.pt").read_bytes() == before and not (tmp_path / "out" / "tuning.json").exists()
