@@ -161,10 +161,12 @@ class TimeLimit:
         self._val_voxels_seen = 0
 
     def _val_iteration(self, engine: Engine) -> None:
+        # a MONAI evaluator has decollated the batch into a list of per-case dicts by now
         batch = engine.state.batch
-        image = batch.get("image") if isinstance(batch, dict) else None
-        if image is not None and hasattr(image, "numel"):
-            self._val_voxels_seen += int(image.numel())
+        for item in batch if isinstance(batch, (list, tuple)) else [batch]:
+            image = item.get("image") if isinstance(item, dict) else None
+            if image is not None and hasattr(image, "numel"):
+                self._val_voxels_seen += int(image.numel())
 
     def _val_completed(self, engine: Engine) -> None:
         self.validation_s = time.monotonic() - self._val_start
