@@ -246,9 +246,13 @@ def test_the_job_start_is_set_for_the_job_only(monkeypatch, capsys) -> None:
     assert JOB_START_ENV not in os.environ  # a later job (or a bundle run) counts from its own start
 
 
-def test_no_stop_on_one_measured_iteration_unless_the_time_is_up() -> None:
+def test_no_stop_on_fewer_than_five_measured_iterations_unless_the_time_is_up() -> None:
     clock = TimeLimit("1h", start=time.time())
-    clock._steps.append(600.0)  # e.g. a step that waited for a resume's replay: not enough to judge by
+    clock._steps.extend([2400.0] * 4)  # e.g. the slow first steps of a run on a busy machine: not enough to judge by
     assert not clock.due(None)
+    clock._steps.append(2400.0)
+    assert clock.due(None)  # five: 1.5 x 2400 s and the stop's cost no longer fit in the hour left
+    clock._steps.clear()
+    clock._steps.append(600.0)
     clock.deadline = time.time() - 1.0
     assert clock.due(None)
