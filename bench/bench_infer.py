@@ -4,13 +4,15 @@
    threshold) against streaming block-wise prediction (``pipeline.inference.predict.StreamingPredictor``: zarr in, zarr out,
    statistics pass, blocks with halos) on one ``--size``^3 uint8 volume; prints both times, the speed ratio and the
    largest probability difference;
-2. memory: peak RSS of streaming prediction (each in a fresh process) on synthetic ``--rss_sizes`` zarr volumes,
-   with a one-convolution network (the network's own memory is a constant; blocks, halo and cache are measured);
+2. memory: peak RSS of streaming prediction (each in a fresh process) on synthetic ``--rss_sizes`` zarr volumes at
+   each window of ``--rss_windows``; the output comes from one convolution (fast), and the project's default network
+   (UNet 16-32-64-128) also runs on about 24 of the batches so that its activations count (``--rss_net conv``: the
+   convolution only, which leaves out about 0.5 GiB at 4 x 128^3 windows);
 3. ranks: test-set inference through the bundle (``monai.bundle run inference``) in 1 process against torchrun with
    ``--rank_nproc`` ranks (CPU: the cores shared out as threads, gloo; GPU: one GPU per rank), on a synthetic test
    set, wall time including start-up, and whether the masks are byte-equal.
 
-    nice -n 10 python bench/bench_infer.py [--size 320] [--rss_sizes 512 1024] [--channels 4 8 16] [--skip ...]
+    nice -n 10 python bench/bench_infer.py [--size 320] [--rss_sizes 768] [--rss_windows 32 64 128] [--channels 4 8 16] [--skip ...]
     python bench/bench_infer.py --skip speed rss --rank_nproc "$(nvidia-smi -L | wc -l)"   # 1 vs all GPUs
 
 Outputs go to a temporary folder under ``--workdir`` (default: the system's), removed at the end.
@@ -108,29 +110,62 @@ def bench_speed(args: argparse.Namespace, work: Path) -> None:
           f"(all within {near:.1e} of the threshold), windows run {predictor.window.windows_run}")
 
 
-def _rss_child(size: int, src: str, out: str, block: int, chunk: int, roi: int, overlap: float) -> None:
-    predictor = StreamingPredictor(_small_net(), (roi,) * 3, overlap=overlap, sw_batch_size=2,
+class _ProbeNet(torch.nn.Module):
+    """One convolution (the output), and every ``every``-th forward also the project's default network on the same
+    batch, output dropped: its activations (about 0.5 GiB at 4 x 128^3) then peak while blocks and cache are held,
+    as they do in a real run, without running it on every window (a real network at 768^3 takes hours on a CPU)."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        from pipeline.model.networks import build_network
+
+        self.conv = _small_net()
+        self.real = build_network().eval()
+        self.every, self.calls = max(1, every), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % self.every == 1 or self.every == 1:
+            self.real(x)
+        return self.conv(x)
+
+
+def _rss_child(size: int, src: str, out: str, block: int, chunk: int, roi: int, overlap: float, sw_batch_size: int = 4,
+               net: str = "probe", probes: int = 24) -> None:
+    from pipeline.inference.blockwise import window_grid
+
+    batches = len(window_grid(size, roi, overlap).starts) ** 3 / sw_batch_size
+    network = _ProbeNet(int(batches // probes)) if net == "probe" else _small_net()
+    predictor = StreamingPredictor(network, (roi,) * 3, overlap=overlap, sw_batch_size=sw_batch_size,
                                    block_size=(block,) * 3, chunk_size=(chunk,) * 3, probabilities="uint8")
     start = time.perf_counter()
     predictor.predict(src, out)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"size": size, "seconds": time.perf_counter() - start, "rss_gib": rss}))
+    print(json.dumps({"size": size, "roi": roi, "seconds": time.perf_counter() - start, "rss_gib": rss,
+                      "windows_run": predictor.window.windows_run, "block": list(predictor.block_size)}))
 
 
 def bench_rss(args: argparse.Namespace, work: Path) -> None:
+    net = ("one-conv net + default UNet on every ~1/24 of the batches" if args.rss_net == "probe" else "one-conv net")
+    print(f"[rss] peak RSS of python -m pipeline predict's StreamingPredictor, fresh process each; {net}, overlap "
+          f"{args.rss_overlap}, sw_batch_size {args.sw_batch_size}, block {args.block}, chunk {args.chunk}, "
+          f"uint8 probabilities written, window cache {StreamingPredictor.cache_bytes >> 20} MiB")
     for size in args.rss_sizes:
-        src, out = work / f"rss{size}.zarr", work / f"rss{size}_out.zarr"
+        src = work / f"rss{size}.zarr"
         _write_volume(src, size)
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.bench_infer import _rss_child; "
-                f"_rss_child({size}, {str(src)!r}, {str(out)!r}, {args.block}, {args.chunk}, {args.rss_roi}, {args.rss_overlap})")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"RSS run on {size}^3 failed:\n{proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"[rss] {size}^3 uint8 ({size**3 / 2**30:.2f} GiB): peak RSS {r['rss_gib']:.2f} GiB, {r['seconds']:.0f} s "
-              f"(one-conv net, roi {args.rss_roi}, overlap {args.rss_overlap}, block {args.block}, window cache 1 GiB)")
+        for roi in args.rss_windows:
+            out = work / f"rss{size}_{roi}_out.zarr"
+            code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.bench_infer import _rss_child; "
+                    f"_rss_child({size}, {str(src)!r}, {str(out)!r}, {args.block}, {args.chunk}, {roi}, "
+                    f"{args.rss_overlap}, {args.sw_batch_size}, {args.rss_net!r})")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+            if proc.returncode:
+                sys.exit(f"RSS run on {size}^3, window {roi} failed:\n{proc.stderr[-2000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {size}^3 uint8 ({size**3 / 2**30:.2f} GiB), window {roi}^3: peak RSS {r['rss_gib']:.2f} GiB, "
+                  f"{r['seconds']:.0f} s, {r['windows_run']} windows run, block {r['block']}", flush=True)
+            shutil.rmtree(out)
         shutil.rmtree(src)
-        shutil.rmtree(out)
 
 
 def bench_ranks(args: argparse.Namespace, work: Path) -> None:
@@ -179,9 +214,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="speed runs of each, alternating (best counts)")
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=128)
-    parser.add_argument("--rss_sizes", type=int, nargs="*", default=[512, 1024])
-    parser.add_argument("--rss_roi", type=int, default=128)
-    parser.add_argument("--rss_overlap", type=float, default=0.25)
+    parser.add_argument("--rss_sizes", type=int, nargs="*", default=[768])
+    parser.add_argument("--rss_windows", type=int, nargs="*", default=[32, 64, 128], help="window (roi) edges for rss")
+    parser.add_argument("--rss_overlap", type=float, default=0.5)
+    parser.add_argument("--rss_net", choices=["probe", "conv"], default="probe",
+                        help="probe: one conv + the default UNet on some batches; conv: one conv only")
     parser.add_argument("--rank_volumes", type=int, default=4)
     parser.add_argument("--rank_size", type=int, default=128)
     parser.add_argument("--rank_nproc", type=int, default=2, help="ranks against 1 process (on GPUs: one per GPU)")

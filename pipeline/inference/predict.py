@@ -15,7 +15,8 @@ How it stays exact and bounded:
   counted exactly in a first pass over chunk-sized blocks (integer histograms);
 - the output is cut into blocks aligned to its chunks; each block is predicted by
   :class:`pipeline.inference.blockwise.BlockwiseSlidingWindow` from the windows of the global grid that touch it, so its
-  probabilities equal whole-volume sliding-window inference's; memory depends on the block, not the volume;
+  probabilities equal whole-volume sliding-window inference's; memory depends on the block and the window (and the
+  bounded window cache), not the volume;
 - each finished block writes its chunks, then a completion record ``OUT/.blocks/<z>_<y>_<x>.json`` (atomically);
   a rerun skips recorded blocks. ``OUT/predict_manifest.json`` names the input (path, shape, dtype), the model
   (a hash of its weights) and every setting that changes the output; a rerun with another input or model is refused

@@ -17,7 +17,7 @@ from monai.transforms import NormalizeIntensity
 
 from pipeline.cli.predict import main
 from pipeline.inference import predict as predict_module
-from pipeline.inference.blockwise import BlockwiseSlidingWindow
+from pipeline.inference.blockwise import BlockwiseSlidingWindow, WindowCache
 from pipeline.inference.inferers import make_inferer
 from pipeline.inference.predict import PredictError, StreamingPredictor, volume_stats
 from tests.conftest import TINY_INFER
@@ -75,6 +75,53 @@ def test_window_cache_runs_each_window_once(net, volume):
     # windows run in full (padded) batches and are summed in grid order: bit-equal whatever was cached
     assert np.array_equal(_blockwise(cached, x, 16), _blockwise(uncached, x, 16))
     assert cached.windows_run == 8 < uncached.windows_run  # 2 x 2 x 2 windows on 40 x 36 x 44
+
+
+def test_window_cache_slab_lru_and_pins():
+    cache = WindowCache(3 * 4 * 8)  # three windows of (1, 2, 2, 2) float32
+    outs = {k: torch.full((1, 2, 2, 2), float(k)) for k in range(5)}
+    assert all(cache.put((k,), outs[k]) for k in range(3)) and cache.capacity == 3 and cache.nbytes == 96
+    cache.get((0,))  # most recently used: 1 is evicted next
+    assert cache.put((3,), outs[3]) and (1,) not in cache and len(cache) == 3
+    cache.pin({(0,), (2,), (3,)})
+    assert not cache.put((4,), outs[4]) and (4,) not in cache  # every slot pinned: not kept, nothing evicted
+    cache.drop((2,))
+    assert cache.put((4,), outs[4]) and torch.equal(cache.get((4,)), outs[4]) and torch.equal(cache.get((0,)), outs[0])
+    # every output lives in the one slab: no tensor per window for the allocator to fragment
+    assert len({cache.get(k).untyped_storage().data_ptr() for k in [(0,), (3,), (4,)]}) == 1
+    assert cache.nbytes <= cache.budget and cache.allocated_bytes == 96
+    assert not WindowCache(10).put((0,), outs[0]) and WindowCache(10).allocated_bytes == 0  # below one window: nothing
+    small = WindowCache(3 * 32)
+    small.SLAB_BYTES = 64  # two slots a slab: the slabs grow with the slots used, never past the budget
+    assert small.put((0,), outs[0]) and small.allocated_bytes == 64
+    assert all(small.put((k,), outs[k]) for k in range(1, 5)) and small.allocated_bytes == 96
+    assert [k for k in small] == [(2,), (3,), (4,)] and all(torch.equal(small.get((k,)), outs[k]) for k in (2, 3, 4))
+
+
+def test_window_cache_holds_only_what_later_blocks_need(volume):
+    """The window outputs held stay within the byte budget, live in the slab, and are all let go by the volume's
+    end (each is dropped once the last block that needs it used it); the result is bit-equal to no cache."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 1, 3, padding=1).eval()
+    x = NormalizeIntensity()(torch.from_numpy(volume).float()).numpy()
+    roi, block = (8, 8, 8), 16
+    budget = 40 * 8**3 * 4  # 40 windows: fewer than the run reuses, so eviction happens too
+    sw = BlockwiseSlidingWindow(conv, roi, 0.5, 3, cache_bytes=budget)
+    held = []
+    predict = sw.predict
+
+    def watched(*args, **kwargs):
+        out = predict(*args, **kwargs)
+        held.append(len(sw.cache))
+        assert sw.cache.nbytes <= sw.cache.allocated_bytes <= budget
+        assert len({sw.cache.get(k).untyped_storage().data_ptr() for k in sw.cache}) <= 1
+        return out
+
+    sw.predict = watched
+    uncached = BlockwiseSlidingWindow(conv, roi, 0.5, 3, cache_bytes=0)
+    assert np.array_equal(_blockwise(sw, x, block), _blockwise(uncached, x, block))
+    assert max(held) == 40 and held[-1] == 0
+    assert sw.windows_run < uncached.windows_run
 
 
 def test_stats_exact(volume):
