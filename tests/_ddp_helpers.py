@@ -73,6 +73,38 @@ def recorder_mixin(path: Path, out_dir: Path) -> Path:
     return path
 
 
+class WeightsAtStart:
+    """Writes ``out_dir/weights_rank<r>.pt`` at the run's first iteration, before its first step (so after the
+    checkpointer, attached later in ``initialize``, has resumed or initialised): the weights this rank starts from."""
+
+    def __init__(self, out_dir: str, network: torch.nn.Module) -> None:
+        self.out_dir, self.network, self.written = Path(out_dir), network, False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._write)
+
+    def _write(self, engine: Engine) -> None:
+        if self.written:
+            return
+        self.written = True
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        net = getattr(self.network, "module", self.network)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.out_dir / f"weights_rank{rank}.pt")
+
+
+def weights_mixin(path: Path, out_dir: Path) -> Path:
+    """Write a bundle mixin that attaches a ``WeightsAtStart`` to the trainer, after its other handlers."""
+    path.write_text(
+        "weights_at_start:\n"
+        "  _target_: tests._ddp_helpers.WeightsAtStart\n"
+        f"  out_dir: '{out_dir}'\n"
+        "  network: '@network'\n"
+        "train#trainer#train_handlers: '$@train#handlers + [@weights_at_start]'\n"
+    )
+    return path
+
+
 def make_samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``n`` random image/target pairs for a regression with a mean squared error."""
     g = torch.Generator().manual_seed(seed)

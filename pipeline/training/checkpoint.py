@@ -52,7 +52,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ __all__ = [
     "FINAL_NAME",
     "checkpoint_name",
     "checkpoint_progress",
+    "check_init_network",
     "find_latest_checkpoint",
     "completed_epochs",
     "TrainingCheckpointer",
@@ -637,13 +638,7 @@ class TrainingCheckpointer:
             ModelFileError: a file that cannot be read, of another network, or whose weights do not fit.
         """
         state, saved_plans = load_model_file(path, setting="init_from")
-        differ = network_difference(saved_plans, self.plans)
-        if differ:
-            msg = (
-                f"{path}: init_from holds the weights of another network ({differ}); use the file's network settings "
-                "(the patch size may differ), or leave init_from out"
-            )
-            raise ModelFileError(msg)
+        check_init_network(path, saved_plans, self.plans)
         network = _unwrap(self.network)
         try:
             network.load_state_dict(state)
@@ -655,6 +650,22 @@ class TrainingCheckpointer:
         if self.ema is not None:
             self.ema.load_state_dict({"model": network.state_dict(), "num_updates": 0})
         self.logger.info(f"Initialised the weights from {path}: a new run (optimizer, LR schedule, epochs afresh)")
+
+
+def check_init_network(path: str | os.PathLike, saved: Mapping[str, Any] | None,
+                       current: Mapping[str, Any] | None) -> None:
+    """Refuse an ``init_from`` file whose plans ``saved`` name another network than the plans ``current``.
+
+    Raises:
+        ModelFileError: the networks differ (the line names the file and each differing key).
+    """
+    differ = network_difference(saved, current)
+    if differ:
+        msg = (
+            f"{path}: init_from holds the weights of another network ({differ}); use the file's network settings "
+            "(the patch size may differ), or leave init_from out"
+        )
+        raise ModelFileError(msg)
 
 
 class BestModelSaver:

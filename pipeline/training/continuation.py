@@ -20,24 +20,28 @@ Copied, each atomically, from the checkpoint's folder (the source is only read):
 
 A checkpoint in ``ckpt_dir`` at least as far as the source's (epoch, iteration) wins and nothing is copied: running
 session 2's command again never goes back in time. A source that does not exist or holds no readable checkpoint is
-refused in one line (exit code 2) before anything is copied. A run of another network is refused by the resume
-itself, in the line that refuses any ``ckpt_dir`` of another network (the run's plans exist only once its network is
-built, after the run folder is chosen; building it earlier would change the order of random draws).
+refused in one line (exit code 2) before anything is copied, and so is a run of another network: the plans saved
+in the checkpoint against this run's network settings (the settings, not the built network: building it earlier
+would change the order of random draws). The resume checks again what it loads, as for any ``ckpt_dir``.
 
 ``init_from`` (a new run from a model file's weights) is
-:meth:`pipeline.training.checkpoint.TrainingCheckpointer.initialise`; :func:`check_sources` checks both settings
-before the volume store is built.
+:meth:`pipeline.training.checkpoint.TrainingCheckpointer.initialise`; :func:`check_sources` checks both settings,
+their networks included, before the volume store is built.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pipeline.model.plans import read_plans
+from pipeline.model.networks import normalize_settings
+from pipeline.model.plans import network_difference, read_plans
 from pipeline.training.checkpoint import (
     FINAL_NAME,
+    check_init_network,
     checkpoint_name,
     checkpoint_progress,
     find_latest_checkpoint,
@@ -81,21 +85,32 @@ def find_resume_source(resume_from: str | os.PathLike) -> tuple[Path, tuple[int,
 
 
 def check_sources(resume_from: str | os.PathLike | None, init_from: str | os.PathLike | None,
-                  auto_resume: bool = True) -> None:
+                  auto_resume: bool = True, network: Mapping[str, Any] | None = None) -> None:
     """Refuse a ``resume_from`` or ``init_from`` that cannot work, in one line, before anything slow runs.
+
+    Args:
+        resume_from, init_from, auto_resume: the bundle keys.
+        network: this run's network settings (:func:`pipeline.model.networks.build_network`'s arguments); given,
+            a source whose plans name another network is refused. None: not checked here.
 
     Raises:
         SettingsError: ``resume_from`` with ``auto_resume`` off.
-        MissingFileError, CheckpointDirError: see :func:`find_resume_source`.
-        MissingFileError, ModelFileError: an ``init_from`` that is not a readable model file.
+        MissingFileError, CheckpointDirError: see :func:`find_resume_source`; a ``resume_from`` of another network.
+        MissingFileError, ModelFileError: an ``init_from`` that is not a readable model file, or of another network.
     """
+    current = {"network": normalize_settings(**network)} if network is not None else None
     if resume_from is not None:
         if not auto_resume:
             msg = f"resume_from {resume_from}: needs auto_resume true (it resumes from the copy in ckpt_dir)"
             raise SettingsError(msg)
-        find_resume_source(resume_from)
+        source, _ = find_resume_source(resume_from)
+        differ = network_difference(read_plans(source, setting="resume_from"), current)
+        if differ:
+            msg = (f"{source}: resume_from holds a run of another network ({differ}); use the same network settings "
+                   "to continue it")
+            raise CheckpointDirError(msg)
     if init_from is not None:
-        read_plans(init_from, setting="init_from")
+        check_init_network(init_from, read_plans(init_from, setting="init_from"), current)
 
 
 def _run_folder(ckpt_folder: Path, name: str) -> Path | None:

@@ -22,7 +22,7 @@ from pipeline.cli.launch import MULTI_GPU_CONFIG, launch, torchrun_command
 from pipeline.data.datalist import prepare_datalists
 from pipeline.training.checkpoint import completed_epochs, find_latest_checkpoint
 from pipeline.utils import distributed
-from tests._ddp_helpers import free_port, hang_worker, recorder_mixin
+from tests._ddp_helpers import free_port, hang_worker, recorder_mixin, weights_mixin
 from tests.conftest import TINY_TRAIN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -325,3 +325,37 @@ def test_clock_cut_stops_every_rank_at_one_iteration_and_resume_is_bit_equal(ddp
     del overrides["clock"]
     assert launch([str(TRAIN_CONFIG)], "training", overrides, nproc=2) == 0
     assert _bit_equal(models / "checkpoint_final.pt", ddp_reference)
+
+
+def test_resume_from_a_read_only_copy_and_init_from_under_ddp(ddp_dataset, ddp_reference, tmp_path):
+    """Session 1 cut by the clock; session 2 continues it from a read-only copy (resume_from) into another ckpt_dir
+    on 2 ranks, bit-equal to an uninterrupted run, the copy untouched; a new 2-rank run from the result's weights
+    (init_from, another patch) starts every rank from the file's weights."""
+    s1 = _overrides(ddp_dataset, tmp_path / "s1", epochs=2, val_interval=1000,
+                    clock={"_target_": "tests._faults.ClockCutAt", "iteration": 3})
+    assert launch([str(TRAIN_CONFIG)], "training", s1, nproc=2) == 0
+    source = tmp_path / "input" / "models"
+    source.parent.mkdir()
+    (tmp_path / "s1" / "models").rename(source)
+    for p in [source, *source.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+
+    s2 = _overrides(ddp_dataset, tmp_path / "s2", epochs=2, val_interval=1000, resume_from=str(source))
+    assert launch([str(TRAIN_CONFIG)], "training", s2, nproc=2) == 0
+    models = tmp_path / "s2" / "models"
+    assert "Resuming from" in (tmp_path / "s2" / "out" / "logs" / "training_rank0.log").read_text()
+    assert _bit_equal(models / "checkpoint_final.pt", ddp_reference)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+    model = models / "model.pt"
+    mixin = weights_mixin(tmp_path / "weights.yaml", tmp_path / "at_start")
+    ft = _overrides(ddp_dataset, tmp_path / "ft", epochs=1, val_interval=1000, init_from=str(model),
+                    patch_size=[16, 16, 16])
+    assert launch([str(TRAIN_CONFIG), str(mixin)], "training", ft, nproc=2) == 0
+    saved = torch.load(model, weights_only=True)
+    for rank in (0, 1):
+        at_start = torch.load(tmp_path / "at_start" / f"weights_rank{rank}.pt", weights_only=True)
+        assert all(torch.equal(at_start[k], v) for k, v in saved.items()), rank
+        log = (tmp_path / "ft" / "out" / "logs" / f"training_rank{rank}.log").read_text()
+        assert f"Initialised the weights from {model}" in log
