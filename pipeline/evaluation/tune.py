@@ -175,20 +175,30 @@ def score_settings(
         probs: probabilities, channel-first ``(1, Z, Y, X)``.
         label: label ``(Z, Y, X)`` in {0, 1, 2}.
         settings: dicts of :func:`transforms.postprocess.build_postprocessing` arguments.
-        deadline: a ``time.time()`` after which no further setting is started.
+        deadline: a ``time.time()`` by which the scoring must be done: no setting is started that would end after
+            it (the settings so far give the time one takes), and once the remaining settings cannot all be
+            scored by then the volume is given up at once, not at the deadline.
 
     Returns:
         One :func:`pipeline.evaluation.score.score_volume` dict per setting.
 
     Raises:
-        TimeUp: ``deadline`` passed before the last setting was scored.
+        TimeUp: the settings cannot all be scored by ``deadline``.
     """
-    rows = []
+    rows: list[dict[str, float]] = []
+    spent = 0.0
     for s in settings:
-        if deadline is not None and time.time() > deadline:
-            msg = f"{len(rows)} of {len(settings)} settings scored"
-            raise TimeUp(msg)
+        if deadline is not None:
+            each = spent / len(rows) if rows else 0.0
+            left = len(settings) - len(rows)
+            now = time.time()
+            if now + each * left > deadline:
+                need = f"; the other {left} need ~{each * left:.0f} s, {max(0.0, deadline - now):.0f} s left" if rows else ""
+                msg = f"{len(rows)} of {len(settings)} settings scored{need}"
+                raise TimeUp(msg)
+        start = time.monotonic()
         rows.append(score_volume(np.asarray(build_postprocessing(**s)(probs))[0], label))
+        spent += time.monotonic() - start
     return rows
 
 

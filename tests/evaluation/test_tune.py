@@ -156,6 +156,32 @@ def test_deadline_leaves_the_prediction_its_time_and_stops_scoring_when_passed()
         score_settings(probs, label, settings, deadline=time.time() - 1)
 
 
+def test_a_volume_whose_settings_cannot_all_be_scored_in_time_is_given_up_at_once(monkeypatch):
+    """Each setting takes 40 s (a 320^3 volume's exact score on a CPU): with 100 s left, the sweep gives the volume
+    up after the first setting, when it knows, instead of scoring on until the deadline and overrunning it."""
+    import types
+
+    import numpy as np
+
+    from pipeline.evaluation import tune as tune_module
+
+    clock = {"now": 1000.0}
+
+    def slow_score(mask, label):
+        clock["now"] += 40.0
+        return {"score": 0.5}
+
+    monkeypatch.setattr(tune_module, "score_volume", slow_score)
+    monkeypatch.setattr(tune_module, "time", types.SimpleNamespace(time=lambda: clock["now"], monotonic=lambda: clock["now"]))
+    probs = np.zeros((1, 8, 8, 8), np.float32)
+    settings = [{**DEFAULT, "threshold": t} for t in (0.3, 0.4, 0.5, 0.6)]
+    with pytest.raises(tune_module.TimeUp, match="1 of 4 settings scored; the other 3 need ~120 s, 60 s left"):
+        tune_module.score_settings(probs, np.zeros((8, 8, 8), np.uint8), settings, deadline=1100.0)
+    assert clock["now"] == 1040.0  # given up after one setting, 60 s before the deadline
+    clock["now"] = 1000.0
+    assert len(tune_module.score_settings(probs, np.zeros((8, 8, 8), np.uint8), settings, deadline=1160.0)) == 4
+
+
 def test_tune_under_a_passed_deadline_writes_nothing(tiny_dataset, tiny_model_dir, tmp_path, capsys):
     """The main job's sweep under time_limit: no time left for one volume is TimeUp, the model file untouched."""
     import time
