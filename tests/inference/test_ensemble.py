@@ -26,6 +26,7 @@ from pipeline.inference.predict import StreamingPredictor
 from pipeline.model.networks import build_network
 from pipeline.model.plans import load_model_file, make_plans, pack_model
 from pipeline.utils.errors import one_line
+from transforms.io import read_volume
 
 REPO = Path(__file__).resolve().parents[2]
 INFER = REPO / "bundle" / "configs" / "inference.yaml"
@@ -160,6 +161,19 @@ def test_bundle_fusion_is_the_weighted_mean(models, tiny_dataset, tmp_path, monk
                       model_weights=[3, 1])
     for x, y, f in zip(pa, pb, swapped):
         np.testing.assert_allclose(f, 0.75 * x + 0.25 * y, rtol=0, atol=1e-6)
+    # --num_parts: each part predicts its share with the whole ensemble; together the masks of one part
+    from monai.bundle import run
+
+    whole = {p.name: read_volume(p) for p in (tmp_path / "ab" / "predictions").glob("*.tif")}
+    parts = {}
+    for part in (0, 1):
+        out = tmp_path / f"part{part}"
+        run("inference", config_file=str(INFER), **{**PLAIN, "dataset_dir": str(tiny_dataset), "output_dir": str(out),
+                                                    "model_path": str(folder / "ensemble.json"), "num_parts": 2,
+                                                    "part_id": part})
+        parts.update({p.name: read_volume(p) for p in (out / "predictions").glob("*.tif")})
+    assert whole.keys() == parts.keys() and len(whole) == 2
+    assert all(np.array_equal(whole[k], parts[k]) for k in whole)
 
 
 def test_ensemble_postprocessing_file_then_first_model_then_explicit(models, tmp_path):
@@ -179,6 +193,15 @@ def test_ensemble_postprocessing_file_then_first_model_then_explicit(models, tmp
     given = resolve_ensemble(ens, postprocessing={"threshold": 0.7}, defaults=defaults)
     assert given["postprocessing"]["threshold"] == 0.7 and given["postprocessing"]["min_size"] == 10
     assert resolve_ensemble(a, defaults=defaults) == resolve_ensemble(str(a), [5], defaults=defaults)  # one model
+
+
+def test_evaluate_takes_one_model(models):
+    from pipeline.model.ensemble import require_one_model
+    from pipeline.utils.errors import SettingsError
+
+    assert require_one_model(str(models["a"]), "evaluate") == models["a"]
+    with pytest.raises(SettingsError, match="evaluate takes one model file"):
+        require_one_model([str(models["a"]), str(models["b"])], "evaluate")
 
 
 def _bad_cases(models: dict[str, Path], tmp_path: Path) -> list[tuple[dict, list[str]]]:
