@@ -83,10 +83,8 @@ class EnsembleInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The fused probabilities of ``inputs``, shaped and placed as each inferer returns them."""
-        return fuse(
-            (inf(inputs, net if net is not None else network, *args, **kwargs) for inf, net in zip(self.inferers, self.networks)),
-            self.weights,
-        )
+        runs = zip(self.inferers, self.networks)
+        return fuse((inf(inputs, network if net is None else net, *args, **kwargs) for inf, net in runs), self.weights)
 
 
 def make_ensemble_inferer(plans: Mapping[str, Any], **kwargs: Any) -> Inferer:

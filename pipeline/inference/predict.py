@@ -523,9 +523,9 @@ def build_from_config(
         parser = load_config("inference.yaml", overrides=overrides)
     except SettingsError as e:
         raise PredictError(str(e)) from e
-    if model_path:
-        several = not isinstance(model_path, str) and len(model_path) > 1
-        parser["model_path"] = list(model_path) if several else (model_path if isinstance(model_path, str) else model_path[0])
+    if model_path:  # --model_path A.pt [B.pt ...]: one file as the config takes it, several as a list
+        paths = [model_path] if isinstance(model_path, str) else list(model_path)
+        parser["model_path"] = paths if len(paths) > 1 else paths[0]
     given = parser.get_parsed_content("model_path")
     if isinstance(given, (str, os.PathLike)) and not str(given).lower().endswith(".json"):
         path = Path(given)
