@@ -123,8 +123,9 @@ def _weights(given: Any, models: Sequence[Path], where: str) -> tuple[float, ...
         msg = f"{where}: {len(values)} weight(s) for {len(models)} model(s) ({names}); give one weight per model"
         raise SettingsError(msg)
     for w, m in zip(values, models):
-        if not w >= 0:  # also NaN
-            msg = f"{where}: weight {w} of {m} is negative; weights are >= 0 (normalised to sum 1)"
+        if not w >= 0:
+            what = "negative" if w < 0 else "not a number"
+            msg = f"{where}: weight {w} of {m} is {what}; weights are >= 0 (normalised to sum 1)"
             raise SettingsError(msg)
     total = sum(values)
     if not total > 0 or total == float("inf"):

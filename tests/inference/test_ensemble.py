@@ -66,19 +66,21 @@ def _blocks(predictor: StreamingPredictor, src: Path, out: Path) -> list[np.ndar
     return seen
 
 
-def _streaming(network, roi, weights=None) -> StreamingPredictor:
-    return StreamingPredictor(network, roi, sw_batch_size=2, weights=weights, block_size=BLOCK, chunk_size=(16, 16, 16))
-
-
-def test_streaming_fusion_is_the_weighted_mean_block_by_block(nets, volume, tmp_path):
+@pytest.mark.parametrize("tta", [None, (0, 1, 2)])
+def test_streaming_fusion_is_the_weighted_mean_block_by_block(nets, volume, tmp_path, tta):
     a, b = nets
     src = tmp_path / "vol.zarr"
     zarr.create_array(src, data=volume, chunks=(16, 16, 16))
     roi_a, roi_b = (32, 32, 32), (24, 24, 24)
-    pa = _blocks(_streaming(a, roi_a), src, tmp_path / "a.zarr")
-    pb = _blocks(_streaming(b, roi_b), src, tmp_path / "b.zarr")
-    fused = _blocks(_streaming([a, b], [roi_a, roi_b], [0.25, 0.75]), src, tmp_path / "ab.zarr")
-    itself = _blocks(_streaming([a, a], [roi_a, roi_a], [0.5, 0.5]), src, tmp_path / "aa.zarr")
+
+    def streaming(network, roi, weights=None) -> StreamingPredictor:
+        return StreamingPredictor(network, roi, sw_batch_size=2, tta_axes=tta, weights=weights, block_size=BLOCK,
+                                  chunk_size=(16, 16, 16))
+
+    pa = _blocks(streaming(a, roi_a), src, tmp_path / "a.zarr")
+    pb = _blocks(streaming(b, roi_b), src, tmp_path / "b.zarr")
+    fused = _blocks(streaming([a, b], [roi_a, roi_b], [0.25, 0.75]), src, tmp_path / "ab.zarr")
+    itself = _blocks(streaming([a, a], [roi_a, roi_a], [0.5, 0.5]), src, tmp_path / "aa.zarr")
     assert len(fused) == len(predict_module.plan_blocks(SHAPE, BLOCK)) == 18
     for x, y, f, s in zip(pa, pb, fused, itself):
         assert f.dtype == np.float32 and f.shape == x.shape
@@ -88,7 +90,8 @@ def test_streaming_fusion_is_the_weighted_mean_block_by_block(nets, volume, tmp_
     # and block-wise fusion equals the in-memory EnsembleInferer on the whole volume
     x = NormalizeIntensity()(torch.from_numpy(volume).float())[None, None]
     with torch.no_grad():
-        whole = EnsembleInferer([make_inferer(roi_a, 2), make_inferer(roi_b, 2)], [None, b], [0.25, 0.75])(x, a)[0]
+        inferers = [make_inferer(roi, 2, tta=tta is not None) for roi in (roi_a, roi_b)]
+        whole = EnsembleInferer(inferers, [None, b], [0.25, 0.75])(x, a)[0]
     tiled = np.zeros((1, *SHAPE), np.float32)
     for (_, block), p in zip(predict_module.plan_blocks(SHAPE, BLOCK), fused):
         tiled[(slice(None), *block)] = p
