@@ -225,8 +225,9 @@ def _main_job(argv: list[str]) -> int:
             tuned = "not tuned: training was cut by the clock, the time left is the prediction's"
         else:
             tuned = _tune(train_overrides, overrides, tests, args, limit_s)
-    model = Path(overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE)))
-    if model.is_file():
+    given = overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE))
+    model = Path(given) if isinstance(given, (str, os.PathLike)) else given  # a list: an ensemble's model files
+    if isinstance(model, Path) and model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
     with _Stage(f"predicting {len(tests)} test volumes") as stage:
@@ -308,7 +309,7 @@ def _cut_by_clock(overrides: dict[str, Any]) -> str | None:
     return f"stopped at {latest.name} of {of}" if latest is not None else f"before epoch 1 of {of}"
 
 
-def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path) -> str:
+def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path | list) -> str:
     """Every output of the job, pictures included, one per line."""
     from pipeline.training.runs import latest_run
 

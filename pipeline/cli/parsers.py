@@ -323,7 +323,10 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="zarr array, OME-Zarr, 3D TIFF, or a folder of them")
     p.add_argument("--output", required=True, help="output zarr (a folder of <name>.zarr for a folder input)")
-    p.add_argument("--model_path", default=None, help="weights (default: inference.yaml's model_path)")
+    p.add_argument("--model_path", nargs="+", default=None,
+                   help="model file (default: inference.yaml's model_path); several, or an ensemble.json: an ensemble "
+                   "whose probabilities are averaged, weighted by --model_weights \"[w1, w2, ...]\" (default: the "
+                   "ensemble file's, else equal)")
     p.add_argument("--num_parts", type=int, default=1, help="split the blocks over this many machines")
     p.add_argument("--part_id", type=int, default=0, help="this machine's part, 0 .. num_parts - 1")
     p.add_argument("--block_size", type=int, nargs="+", default=[256], help="block (Z Y X, or one for all)")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         post_settings = {k: s[k] for k in POSTPROCESSING_KEYS}
         post = build_postprocessing(**post_settings)
         predictor = StreamingPredictor(
-            network, s["patch_size"], overlap=s["overlap"], sw_batch_size=s["sw_batch_size"],
+            network, s["patch_size"], weights=s["model_weights"], overlap=s["overlap"], sw_batch_size=s["sw_batch_size"],
             tta_axes=s["tta_axes"] if s["tta"] else None, device=s["device"], amp_dtype=s["amp_dtype"],
             postprocess=lambda p: np.asarray(post(p)), post_settings=post_settings,
             block_size=_triple(args.block_size), chunk_size=_triple(args.chunk_size),

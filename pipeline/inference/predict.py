@@ -1,13 +1,17 @@
 """Streaming prediction: volumes larger than memory through the model, block by block, resumably (its command
 line: :mod:`pipeline.cli.predict`).
 
-    python -m pipeline predict --input PATH --output OUT.zarr [--model_path M] [--num_parts N --part_id I]
+    python -m pipeline predict --input PATH --output OUT.zarr [--model_path M [M ...]] [--num_parts N --part_id I]
         [--block_size 256] [--chunk_size 128] [--probabilities none|uint8|float16] [--<inference.yaml key> VALUE ...]
 
 ``PATH`` is a zarr array (v2 or v3), an OME-Zarr image (its full-resolution level), a 3D TIFF (read lazily through
 tifffile's zarr interface) or a folder of them (then ``OUT`` is a folder of ``<name>.zarr``). The network, the
 window (the training patch) and the tuned post-processing come from the model file's plans (:mod:`pipeline.model.plans`);
-overlap, TTA and post-processing overrides are inference.yaml's keys, as in the bundle.
+overlap, TTA and post-processing overrides are inference.yaml's keys, as in the bundle. Several model files or an
+ensemble file (``--model_path A.pt B.pt [--model_weights "[0.25, 0.75]"]``, :mod:`pipeline.model.ensemble`): each
+block is predicted by every model at its own window and their probabilities are fused (weighted mean) into one
+block-sized buffer before post-processing (:class:`pipeline.inference.ensemble.EnsembleWindow`); the window cache is
+shared out between the models.
 
 How it stays exact and bounded:
 
@@ -49,6 +53,7 @@ import numpy as np
 import torch
 
 from pipeline.inference.blockwise import BlockwiseSlidingWindow
+from pipeline.inference.ensemble import EnsembleWindow
 from pipeline.inference.parts import check_part
 from pipeline.utils.files import atomic_write_bytes
 from pipeline.utils.timing import format_eta
@@ -282,11 +287,11 @@ class StreamingPredictor:
     """Predict volumes block by block into chunked zarr masks, resumably.
 
     The network is given built (the command line builds it from the model file's plans); ``model_id`` identifies its
-    weights in the output's manifest.
+    weights in the output's manifest. An ensemble: a list of networks, one window each and their ``weights``.
 
     Args:
-        network: the model, weights loaded.
-        roi_size: sliding-window size (Z, Y, X).
+        network: the model, weights loaded; or a list of models (an ensemble).
+        roi_size: sliding-window size (Z, Y, X); for an ensemble one per model.
         overlap: window overlap fraction.
         sw_batch_size: windows per forward pass.
         tta_axes: mirror TTA axes, or None.
@@ -298,7 +303,9 @@ class StreamingPredictor:
         chunk_size: the output's chunk shape.
         probabilities: also write probabilities: ``"uint8"``, ``"float16"`` or None.
         cache_bytes: bound on window outputs kept for neighbouring blocks.
-        model_id: identity of the weights (default :func:`model_identity`).
+        model_id: identity of the weights (default :func:`model_identity`; an ensemble's: of every model's and the
+            weights).
+        weights: an ensemble's weights, one per model, summing to 1 (default: equal).
 
     Example::
 
@@ -306,8 +313,8 @@ class StreamingPredictor:
         predictor.predict("scroll.zarr", "scroll_mask.zarr", num_parts=2, part_id=0)
     """
 
-    network: torch.nn.Module
-    roi_size: Sequence[int]
+    network: torch.nn.Module | Sequence[torch.nn.Module]
+    roi_size: Sequence[int] | Sequence[Sequence[int]]
     overlap: float = 0.5
     sw_batch_size: int = 1
     tta_axes: Sequence[int] | None = None
@@ -320,6 +327,7 @@ class StreamingPredictor:
     probabilities: str | None = None
     cache_bytes: int = 1 << 30
     model_id: str | None = None
+    weights: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         self.block_size = tuple(int(b) for b in self.block_size)
@@ -335,15 +343,35 @@ class StreamingPredictor:
         if self.probabilities not in (None, "uint8", "float16"):
             msg = f"probabilities {self.probabilities!r} unknown; use none, uint8 or float16"
             raise PredictError(msg)
-        self.model_id = self.model_id or model_identity(self.network)
-        self.window = BlockwiseSlidingWindow(
-            self.network, self.roi_size, self.overlap, self.sw_batch_size, tta_axes=self.tta_axes,
-            device=self.device, amp_dtype=self.amp_dtype, cache_bytes=self.cache_bytes,
+        if isinstance(self.network, torch.nn.Module):
+            self.model_id = self.model_id or model_identity(self.network)
+            self.window = self._window(self.network, self.roi_size, self.cache_bytes)
+            return
+        nets, rois = list(self.network), [tuple(r) for r in self.roi_size]
+        weights = [1.0 / len(nets)] * len(nets) if self.weights is None else [float(w) for w in self.weights]
+        if not len(nets) == len(rois) == len(weights) or not nets:
+            msg = f"{len(nets)} networks, {len(rois)} windows and {len(weights)} weights: one of each per model"
+            raise PredictError(msg)
+        self.weights = weights
+        self.model_id = self.model_id or _digest([[model_identity(n) for n in nets], weights])
+        # the models share the cache budget: an ensemble's windows cost the memory of one model's
+        windows = [self._window(n, r, self.cache_bytes // len(nets)) for n, r in zip(nets, rois)]
+        self.window = EnsembleWindow(windows, weights)
+
+    def _window(self, network: torch.nn.Module, roi: Sequence[int], cache_bytes: int) -> BlockwiseSlidingWindow:
+        return BlockwiseSlidingWindow(
+            network, roi, self.overlap, self.sw_batch_size, tta_axes=self.tta_axes, device=self.device,
+            amp_dtype=self.amp_dtype, cache_bytes=cache_bytes,
         )
 
     def _settings(self) -> dict[str, Any]:
+        if isinstance(self.window, EnsembleWindow):
+            roi: list = [list(w.roi) for w in self.window.windows]
+            ensemble = {"weights": list(self.window.weights)}
+        else:
+            roi, ensemble = list(self.window.roi), {}
         return {
-            "roi_size": list(self.window.roi), "overlap": self.overlap, "mode": self.window.mode,
+            **ensemble, "roi_size": roi, "overlap": self.overlap, "mode": self.window.mode,
             "sigma_scale": self.window.sigma_scale, "tta_flips": [list(f) for f in self.window.flips],
             "amp_dtype": str(self.amp_dtype), "postprocessing": self.post_settings,
             "block_size": list(self.block_size), "chunk_size": list(self.chunk_size), "probabilities": self.probabilities,
@@ -477,47 +505,52 @@ class StreamingPredictor:
         atomic_write_bytes(self._record_path(records, index), json.dumps({"block": list(index), "run": digest}).encode())
 
 
-def build_from_config(overrides: dict[str, Any], model_path: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def build_from_config(
+    overrides: dict[str, Any], model_path: str | Sequence[str] | None
+) -> tuple[torch.nn.Module | list[torch.nn.Module], dict[str, Any]]:
     """The network (built from the model file's plans, weights loaded) and the settings of inference.yaml with
-    ``overrides`` (the patch and post-processing from the plans unless given)."""
-    from pipeline.model.plans import build_from_plans, load_model_file
+    ``overrides`` (the patch and post-processing from the plans unless given).
+
+    For several model files or an ensemble file (:mod:`pipeline.model.ensemble`) the networks are a list, and the
+    settings' ``patch_size`` holds one window per model and ``model_weights`` their weights (None for one model).
+    """
+    from pipeline.model.plans import load_network
     from pipeline.utils.amp import resolve_amp
     from pipeline.utils.config import load_config
-    from pipeline.utils.errors import PipelineError, SettingsError
+    from pipeline.utils.errors import PipelineError, SettingsError, find_user_error
 
     try:
         parser = load_config("inference.yaml", overrides=overrides)
     except SettingsError as e:
         raise PredictError(str(e)) from e
-    if model_path:
-        parser["model_path"] = model_path
-    path = Path(parser.get_parsed_content("model_path"))
-    if not path.is_file():
-        msg = f"{path}: model not found; train a model first, or give --model_path"
-        raise PredictError(msg)
+    if model_path:  # --model_path A.pt [B.pt ...]: one file as the config takes it, several as a list
+        paths = [model_path] if isinstance(model_path, str) else list(model_path)
+        parser["model_path"] = paths if len(paths) > 1 else paths[0]
+    given = parser.get_parsed_content("model_path")
+    if isinstance(given, (str, os.PathLike)) and not str(given).lower().endswith(".json"):
+        path = Path(given)
+        if not path.is_file():
+            msg = f"{path}: model not found; train a model first, or give --model_path"
+            raise PredictError(msg)
     device = torch.device(parser.get_parsed_content("device"))
     try:
         plans = parser.get_parsed_content("model_plans")
     except RuntimeError as e:  # MONAI wraps what the expression raised: a bad file or a mismatching setting
-        from pipeline.utils.errors import find_user_error
-
         user = find_user_error(e)
         if user is None:
             raise
         raise PredictError(str(user)) from e
+    members = plans.get("members") or [{"path": given, "weight": None, "plans": plans}]
     try:
-        network = build_from_plans(plans)
-        state, _ = load_model_file(path)
-        network.load_state_dict(state)
+        networks = [load_network(m["path"], m["plans"]).to(device) for m in members]
     except PipelineError as e:
         raise PredictError(str(e)) from e
-    except Exception as e:  # weights that do not fit the network (a weights-only file and other settings)
-        msg = f"{path}: cannot load into the network {plans['network']} ({type(e).__name__}: {str(e).splitlines()[0]}); check the network settings"
-        raise PredictError(msg) from e
     keys = ("overlap", "sw_batch_size", "tta", "tta_axes", "amp", "amp_dtype")
     settings = {k: parser.get_parsed_content(k) for k in keys}
-    settings["patch_size"] = plans["roi_size"]
+    ensemble = "members" in plans
+    settings["patch_size"] = [m["plans"]["roi_size"] for m in members] if ensemble else plans["roi_size"]
+    settings["model_weights"] = [m["weight"] for m in members] if ensemble else None
     settings.update(plans["postprocessing"])
     settings["device"] = device
     settings["amp_dtype"] = resolve_amp(device, settings["amp"], settings["amp_dtype"])
-    return network.to(device), settings
+    return (networks if ensemble else networks[0]), settings

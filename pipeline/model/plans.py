@@ -63,6 +63,7 @@ __all__ = [
     "POSTPROCESSING_KEYS",
     "build_from_plans",
     "load_model_file",
+    "load_network",
     "make_plans",
     "network_difference",
     "pack_model",
@@ -340,6 +341,26 @@ def resolve_plans(
 def build_from_plans(plans: Mapping[str, Any]) -> nn.Module:
     """The (untrained) network of ``plans``; load the file's weights into it."""
     return build_network(**plans["network"])
+
+
+def load_network(path: str | os.PathLike, plans: Mapping[str, Any]) -> nn.Module:
+    """The network of ``plans`` with the weights of the model file ``path`` loaded (on the CPU).
+
+    Raises:
+        MissingFileError, ModelFileError: as :func:`load_model_file`; weights that do not fit the network (a
+            weights-only file and other settings), naming the file.
+    """
+    network = build_from_plans(plans)
+    state, _ = load_model_file(path)
+    try:
+        network.load_state_dict(state)
+    except Exception as e:  # weights that do not fit the network: shapes or keys, whatever torch raises
+        msg = (
+            f"{path}: cannot load into the network {plans['network']} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); check the network settings"
+        )
+        raise ModelFileError(msg) from e
+    return network
 
 
 def save_postprocessing(
