@@ -1,6 +1,7 @@
 """``python -m pipeline``: the whole job (train or resume, then predict), and the project's other commands.
 
     python -m pipeline [--dataset_dir DIR] [--output_dir DIR] [--nproc N] [--<bundle key> VALUE ...]
+    python -m pipeline --folds all|0,2 [--num_folds K] [...]   # cross-validation, then the folds' ensemble
     python -m pipeline synth --out DIR [--seed S] [--difficulty easy|hard]
     python -m pipeline score --pred submission.zip --labels DIR [--json] [--topo_mode exact|fast]   # exact by default
     python -m pipeline tune [--dataset_dir DIR] [--<bundle key> VALUE ...]
@@ -23,6 +24,7 @@ import argparse
 import ast
 import contextlib
 import importlib
+import json
 import logging
 import os
 import sys
@@ -107,10 +109,11 @@ def route_overrides(overrides: dict[str, Any], *configs: Path) -> dict[str, Any]
     return {k: v for k, v in overrides.items() if k.split("#", 1)[0] in keys}
 
 
-def _bundle_run(run_id: str, config: Path, overrides: dict[str, Any]) -> None:
+def _bundle_run(run_id: str, config: Path | list[Path], overrides: dict[str, Any]) -> None:
     from monai.bundle import run
 
-    run(run_id, config_file=str(config), logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
+    files = [str(c) for c in config] if isinstance(config, list) else str(config)
+    run(run_id, config_file=files, logging_file=str(LOGGING_CONF), meta_file=str(CONFIGS / "metadata.json"), **overrides)
 
 
 def _check_dataset(dataset_dir: str | None, synthetic_dir: str) -> tuple[Path, list[dict]]:
@@ -184,6 +187,7 @@ def _main_job(argv: list[str]) -> int:
         print(f"error: {args.dataset_dir}: dataset folder not found (leave --dataset_dir out for the synthetic "
               "default)", file=sys.stderr)
         return 2
+    folds = _fold_list(args.folds, overrides) if args.folds is not None else None
     from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
 
     limit_s = parse_duration(overrides.get("time_limit"))
@@ -204,8 +208,14 @@ def _main_job(argv: list[str]) -> int:
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if limit_s is not None:  # the clock keeps time for the prediction of the test set after training
         train_overrides = {**_inference_work(tests, overrides), **train_overrides}
-    cut = tuned = None
-    if not args.skip_training and not _training_complete(train_overrides):
+    cut = tuned = cv = None
+    if folds is not None:
+        rc, models, cv = _cross_validate(folds, root, train_overrides, args)
+        if rc != 0:
+            return rc
+        overrides = {**overrides, "model_path": [str(m) for m in models]}
+        tuned = "not tuned: --folds (the folds' ensemble predicts with the first fold's model file setting)"
+    elif not args.skip_training and not _training_complete(train_overrides):
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
             if rc != 0:
@@ -226,7 +236,7 @@ def _main_job(argv: list[str]) -> int:
         else:
             tuned = _tune(train_overrides, overrides, tests, args, limit_s)
     given = overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE))
-    model = Path(given) if isinstance(given, (str, os.PathLike)) else given  # a list: an ensemble's model files
+    model = Path(given) if isinstance(given, (str, os.PathLike)) else f"ensemble of {len(given)}: {', '.join(given)}"
     if isinstance(model, Path) and model.is_file():
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.stat().st_mtime))
         print(f"predicting with {model} (saved {saved})", flush=True)
@@ -243,6 +253,12 @@ def _main_job(argv: list[str]) -> int:
     if limit_s is not None:
         used = time.time() - float(os.environ[JOB_START_ENV])
         print(f"  time:           {format_eta(used)} of time_limit {format_eta(limit_s)}")
+    if cv is not None:
+        mean = cv["mean"]
+        per_fold = ", ".join(f"fold {k} {v['score']:.4f}" for k, v in cv["folds"].items())
+        print(f"  cross-validation: score {mean['score']:.4f} (topo {mean['topo']:.4f}, surface Dice "
+              f"{mean['surface_dice']:.4f}, VOI score {mean['voi_score']:.4f}) over {mean['cases']} out-of-fold "
+              f"cases; {per_fold} ({Path(args.output_dir) / 'cross_validation.csv'})")
     if tuned:
         print(f"  post-processing: {tuned}")
     if cut:
@@ -296,6 +312,92 @@ def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: lis
             f"the previous setting -> {best['score']:.4f}{stopped} (every row: {Path(args.output_dir) / 'tuning.json'})")
 
 
+def _fold_list(text: str, overrides: dict[str, Any]) -> list[int]:
+    """The folds ``--folds`` names ('all', or numbers separated by commas) of ``num_folds``.
+
+    Raises:
+        SettingsError: not that form, a fold outside 0..num_folds-1, or a setting --folds cannot go with.
+    """
+    from pipeline.utils.errors import SettingsError
+
+    with open(TRAIN_CONFIG) as f:
+        num = int(overrides.get("num_folds", yaml.safe_load(f)["num_folds"]))
+    clash = [k for k in ("fold", "model_path", "resume_from", "init_from", "time_limit") if k in overrides]
+    if clash:
+        msg = (f"--folds {text}: not with --{clash[0]} (run one fold at a time with --fold K --ckpt_dir DIR/fold_K "
+               "for that)")
+        raise SettingsError(msg)
+    if text.strip().lower() == "all":
+        return list(range(num))
+    try:
+        folds = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        folds = []
+    if not folds or not all(0 <= k < num for k in folds):
+        msg = f"--folds {text}: give 'all' or fold numbers from 0 to {num - 1} (num_folds {num}) separated by commas"
+        raise SettingsError(msg)
+    return folds
+
+
+def _cross_validate(folds: list[int], root: Path, train_overrides: dict[str, Any],
+                    args: argparse.Namespace) -> tuple[int, list[Path], dict[str, Any] | None]:
+    """Train each fold into ``ckpt_dir/fold_<k>`` (skipped when complete, else resumed: the ordinary training run
+    with ``fold: k``), score its ``model.pt`` on the fold's validation cases (``evaluate.yaml``: every case, the
+    inference settings, the masks kept in ``output_dir/fold_<k>/oof``), and join the folds' tables into the
+    cross-validation score (:func:`pipeline.evaluation.report.cross_validation`).
+
+    Returns:
+        The exit code (non-zero: a fold's training failed, nothing after it ran), the folds' model files and the
+        cross-validation table.
+    """
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.evaluation.report import cross_validation
+
+    with open(TRAIN_CONFIG) as f:
+        num = int(train_overrides.get("num_folds", yaml.safe_load(f)["num_folds"]))
+    lists = prepare_datalists(root, check=False)
+    models, reports = [], {}
+    for k in folds:
+        fold = {**train_overrides, "fold": k, "ckpt_dir": str(Path(args.ckpt_dir) / f"fold_{k}"),
+                "output_dir": str(Path(args.output_dir) / f"fold_{k}")}
+        if not args.skip_training and not _training_complete(fold):
+            with _Stage(f"training fold {k} ({folds.index(k) + 1} of {len(folds)})") as stage:
+                rc = _train(fold, args)
+                if rc != 0:
+                    stage.what = f"training fold {k} failed (exit code {rc})"
+            if rc != 0:
+                print(f"error: training fold {k} failed (exit code {rc}; rank logs in {fold['output_dir']}/logs): "
+                      "not scoring or predicting", file=sys.stderr)
+                return rc, models, None
+        model = Path(fold["ckpt_dir"]) / "model.pt"
+        if not model.is_file():
+            print(f"error: {model}: fold {k} has no model (train it: leave --skip_training out)", file=sys.stderr)
+            return 2, models, None
+        reports[k] = _score_fold(k, model, fold)
+        models.append(model)
+    return 0, models, cross_validation(args.output_dir, reports, lists["train"] + lists["val"],
+                                       complete=len(folds) == num)
+
+
+def _score_fold(k: int, model: Path, fold: dict[str, Any]) -> Path:
+    """``evaluate.yaml`` on fold ``k``'s validation cases with its ``model``: ``output_dir/fold_<k>/metrics.json``
+    (kept when it scored this very file, so that an interrupted cross-validation does not score a fold twice)."""
+    from pipeline.evaluation.tune import EVALUATE_CONFIGS
+
+    out = Path(fold["output_dir"])
+    report = out / "metrics.json"
+    if report.is_file() and report.stat().st_mtime >= model.stat().st_mtime:
+        if json.loads(report.read_text()).get("settings", {}).get("model_path") == str(model):
+            print(f"[pipeline] fold {k}: {model} scored already ({report})", flush=True)
+            return report
+    configs = [CONFIGS / c for c in EVALUATE_CONFIGS]
+    keys = {k2: v for k2, v in route_overrides(fold, *configs).items() if k2.split("#", 1)[0] not in FROM_MODEL_FILE}
+    keys.update(model_path=str(model), val_max_cases=None, pred_dir=str(out / "oof"))
+    with _Stage(f"scoring fold {k}'s model on its validation cases (out of fold)"):
+        _bundle_run("evaluating", configs, keys)
+    return report
+
+
 def _cut_by_clock(overrides: dict[str, Any]) -> str | None:
     """After a training that exited 0: None when it finished its schedule, else where the clock cut it."""
     from pipeline.training.checkpoint import completed_epochs, find_latest_checkpoint
@@ -309,7 +411,7 @@ def _cut_by_clock(overrides: dict[str, Any]) -> str | None:
     return f"stopped at {latest.name} of {of}" if latest is not None else f"before epoch 1 of {of}"
 
 
-def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path | list) -> str:
+def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path | str) -> str:
     """Every output of the job, pictures included, one per line."""
     from pipeline.training.runs import latest_run
 

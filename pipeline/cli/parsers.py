@@ -74,6 +74,7 @@ examples:
   python -m pipeline --recipe kaggle_2xT4 --dataset_dir /kaggle/input/...   the Kaggle 2xT4 settings
   python -m pipeline --resume_from /kaggle/input/NOTEBOOK/models   continue a run from a read-only copy of its ckpt_dir
   python -m pipeline --init_from M.pt --ckpt_dir models_ft   a new run from a model's weights (fine-tuning)
+  python -m pipeline --folds all --num_folds 3            3-fold cross-validation, then the folds' ensemble
 """
 
 
@@ -101,6 +102,10 @@ def main_parser() -> argparse.ArgumentParser:
                    help="after training, predict with the model file's post-processing as it is; by default the job "
                    "sweeps threshold and post-processing on the validation cases (python -m pipeline tune's sweep, "
                    "within --time_limit) and predicts with the best")
+    p.add_argument("--folds", default=None,
+                   help="cross-validation: train fold by fold ('all', or '0,2' of num_folds) into ckpt_dir/fold_<k> "
+                   "(each resumable), score each fold's model on its validation cases (out-of-fold: every training "
+                   "case once, output_dir/cross_validation.csv), then predict with the folds' ensemble")
     p.add_argument("--recipe", default=None,
                    help=f"settings for a machine: a name in bundle/configs/recipes ({', '.join(recipe_names())}) or a "
                    "YAML file of bundle keys; --key value options still win")

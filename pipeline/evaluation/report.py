@@ -28,7 +28,7 @@ from transforms.io import write_volume
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["MetricsWriter", "write_metrics"]
+__all__ = ["MetricsWriter", "cross_validation", "write_metrics"]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -191,3 +191,71 @@ class MetricsWriter:
             for case, row in zip(self.ids, rows.tolist()):
                 volumes[case].update(zip(columns, row))
         write_metrics(self.output_dir, volumes, self.settings, self.name)
+
+
+def cross_validation(
+    output_dir: str | os.PathLike,
+    fold_reports: Mapping[int, str | os.PathLike],
+    cases: Sequence[Mapping[str, Any]],
+    complete: bool = True,
+) -> dict[str, Any]:
+    """The cross-validation score: every fold's out-of-fold metrics (its ``metrics.json``, written by
+    :class:`MetricsWriter` when ``evaluate.yaml`` scored the fold's model on the fold's validation cases) joined into
+    one table, written to ``<output_dir>/cross_validation.csv`` and ``.json``.
+
+    The JSON holds ``volumes`` (case id -> fold, scroll and every metric), ``scrolls`` (scroll id -> mean of its
+    cases), ``folds`` (fold -> mean of its cases) and ``mean`` (over every case: each case counts once, as the
+    competition averages volumes); the CSV one row per case and a last row ``mean``.
+
+    Args:
+        output_dir: folder for the two files.
+        fold_reports: fold -> its ``metrics.json``.
+        cases: the training cases of every fold (datalist items with ``id`` and, when known, ``scroll_id``).
+        complete: every fold of the split was scored: each case must then be scored exactly once.
+
+    Raises:
+        ValueError: a case scored by two folds, a scored case that is not a training case, or (``complete``) a
+            training case no fold scored; each names the cases.
+    """
+    scroll_of = {str(c["id"]): str(c.get("scroll_id") or "") for c in cases}
+    rows: dict[str, dict[str, Any]] = {}
+    for fold, path in sorted(fold_reports.items()):
+        report = json.loads(Path(path).read_text())
+        for case, values in report["volumes"].items():
+            if case in rows:
+                msg = f"{path}: case {case} was scored by fold {rows[case]['fold']} already: the folds overlap"
+                raise ValueError(msg)
+            if case not in scroll_of:
+                msg = f"{path}: case {case} is not a training case of this dataset (another dataset's folds?)"
+                raise ValueError(msg)
+            rows[case] = {"fold": int(fold), "scroll_id": scroll_of[case], **values}
+    missing = sorted(set(scroll_of) - set(rows))
+    if complete and missing:
+        msg = f"{len(missing)} training case(s) scored by no fold: {', '.join(missing[:5])}"
+        raise ValueError(msg)
+    if not rows:
+        msg = "no fold was scored"
+        raise ValueError(msg)
+    metrics = [k for k in next(iter(rows.values())) if k not in ("fold", "scroll_id")]
+
+    def mean(group: list[dict[str, Any]]) -> dict[str, float | None]:
+        out = {}
+        for key in metrics:
+            finite = [float(r[key]) for r in group if r[key] is not None and math.isfinite(float(r[key]))]
+            out[key] = float(np.mean(finite)) if finite else None
+        return {**out, "cases": len(group)}
+
+    def by(key: str) -> dict[Any, dict[str, float | None]]:
+        return {v: mean([r for r in rows.values() if r[key] == v]) for v in sorted({r[key] for r in rows.values()})}
+
+    content = {"volumes": rows, "scrolls": by("scroll_id"), "folds": {str(k): v for k, v in by("fold").items()},
+               "mean": mean(list(rows.values())), "complete": not missing}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "fold", "scroll_id", *metrics])
+    for case, row in [*sorted(rows.items()), ("mean", {"fold": "", "scroll_id": "", **content["mean"]})]:
+        writer.writerow([case, row["fold"], row["scroll_id"], *("" if row[k] is None else repr(float(row[k])) for k in metrics)])
+    out = Path(output_dir)
+    atomic_write_bytes(out / "cross_validation.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / "cross_validation.json", (json.dumps(content, indent=2) + "\n").encode())
+    return content

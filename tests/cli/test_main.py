@@ -84,3 +84,37 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     assert list((out / "runs").iterdir()) == [run]  # ... in its own folder
     assert [row["epoch"] for row in json.loads((run / "training_history.json").read_text())["epochs"]] == [1, 2, 3]
     # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/training/test_runs.py
+
+
+def test_folds_train_each_fold_score_every_case_once_out_of_fold_and_predict_with_their_ensemble(tiny_dataset, tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "models"
+    tiny = []
+    for k, v in {**TINY_TRAIN, "epochs": 1, "val_interval": 5}.items():
+        tiny += [f"--{k}", str(v).replace(" ", "")]
+    base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny,
+            "--folds", "all", "--num_folds", "2"]
+    first = _main(base)
+    cv = json.loads((out / "cross_validation.json").read_text())
+    for k in (0, 1):  # each case scored by the fold that held it out, and only by it
+        held_out = {c["id"] for c in prepare_datalists(tiny_dataset, fold=k, num_folds=2, check=False)["val"]}
+        assert {i for i, row in cv["volumes"].items() if row["fold"] == k} == held_out
+        assert (ckpt / f"fold_{k}" / "model.pt").is_file() and completed_epochs(ckpt / f"fold_{k}") == 1
+        assert {p.stem for p in (out / f"fold_{k}" / "oof").glob("*.tif")} == held_out
+    lists = prepare_datalists(tiny_dataset, check=False)
+    assert set(cv["volumes"]) == {c["id"] for c in lists["train"] + lists["val"]} and cv["complete"]
+    assert f"cross-validation: score {cv['mean']['score']:.4f}" in first.stdout
+    assert (out / "submission.zip").is_file() and "ensemble of 2" in first.stdout
+
+    again = _main(base)  # done folds are neither trained nor scored again
+    assert again.stdout.count("training already complete") == 2 and again.stdout.count("scored already") == 2
+
+
+def test_bad_folds_are_one_line(capsys):
+    from pipeline.cli.main import main
+
+    for args, problem in ((["--folds", "2", "--num_folds", "2"], "give 'all' or fold numbers from 0 to 1"),
+                          (["--folds", "x"], "give 'all' or fold numbers from 0 to 4"),
+                          (["--folds", "all", "--time_limit", "1h"], "not with --time_limit")):
+        assert main(args) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"error: --folds {args[1]}: {problem}"), line

@@ -15,7 +15,7 @@ import yaml
 from monai.bundle import ConfigParser
 
 from pipeline.data.datalist import prepare_datalists
-from pipeline.evaluation.report import write_metrics
+from pipeline.evaluation.report import cross_validation, write_metrics
 from pipeline.evaluation.score import COMPONENT_KEYS, score_volume
 from pipeline.model.plans import load_model_file
 from tests.conftest import TINY_NETWORK, cli_args
@@ -125,3 +125,28 @@ def test_write_metrics_rejects_ragged_or_empty_tables(tmp_path):
     with pytest.raises(ValueError, match="no volumes"):
         write_metrics(tmp_path, {})
     assert not list(tmp_path.iterdir())
+
+
+def test_cross_validation_joins_the_folds_out_of_fold_tables_each_case_once(tmp_path):
+    cases = [{"id": "a", "scroll_id": "1"}, {"id": "b", "scroll_id": "1"}, {"id": "c", "scroll_id": "2"}]
+    reports = {
+        0: write_metrics(tmp_path / "fold_0", {"a": {"score": 0.5, "dice": 0.8}, "b": {"score": 0.7, "dice": float("nan")}}),
+        1: write_metrics(tmp_path / "fold_1", {"c": {"score": 0.9, "dice": 0.6}}),
+    }
+    paths = {k: tmp_path / f"fold_{k}" / "metrics.json" for k in reports}
+    cv = cross_validation(tmp_path, paths, cases)
+    assert cv["volumes"]["c"] == {"fold": 1, "scroll_id": "2", "score": 0.9, "dice": 0.6}
+    assert cv["mean"] == pytest.approx({"score": 0.7, "dice": 0.7, "cases": 3})  # each case once; NaN left out
+    assert cv["scrolls"]["1"] == pytest.approx({"score": 0.6, "dice": 0.8, "cases": 2})
+    assert cv["folds"]["0"]["score"] == pytest.approx(0.6) and cv["complete"]
+    rows = list(csv.reader((tmp_path / "cross_validation.csv").open()))
+    assert rows[0] == ["id", "fold", "scroll_id", "score", "dice"] and [r[0] for r in rows[1:]] == ["a", "b", "c", "mean"]
+    assert json.loads((tmp_path / "cross_validation.json").read_text())["mean"]["cases"] == 3
+
+    with pytest.raises(ValueError, match="1 training case.s. scored by no fold: c"):
+        cross_validation(tmp_path, {0: paths[0]}, cases)
+    assert not cross_validation(tmp_path / "part", {0: paths[0]}, cases, complete=False)["complete"]
+    with pytest.raises(ValueError, match="case a was scored by fold 0 already"):
+        cross_validation(tmp_path, {0: paths[0], 1: paths[0]}, cases)
+    with pytest.raises(ValueError, match="case c is not a training case"):
+        cross_validation(tmp_path, paths, cases[:2])
