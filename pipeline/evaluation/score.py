@@ -81,6 +81,7 @@ from monai.metrics import CumulativeIterationMetric
 from surface_distance import lookup_tables
 
 from pipeline.inference.submission import MaskFiles
+from pipeline.utils.distributed import one_local_rank_at_a_time
 from pipeline.utils.errors import SettingsError
 
 __all__ = [
@@ -660,7 +661,8 @@ class CompetitionScore(CumulativeIterationMetric):
         label = torch.as_tensor(y).cpu().numpy()
         rows = []
         for b in range(pred.shape[0]):
-            result = score_volume(pred[b, 0], label[b, 0], ignore_label=self.ignore_label, topo_mode=self.topo_mode)
+            with one_local_rank_at_a_time("score"):  # DDP: the ranks' memory peaks staggered, not stacked
+                result = score_volume(pred[b, 0], label[b, 0], ignore_label=self.ignore_label, topo_mode=self.topo_mode)
             rows.append([result[key] for key in COMPONENT_KEYS])
         return torch.tensor(rows, dtype=torch.float64, device=y_pred.device)
 

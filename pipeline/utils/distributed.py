@@ -11,11 +11,15 @@ configs can resolve ranks in any order, and fall back to a single process withou
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
+import re
 import socket
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ __all__ = [
     "get_rank",
     "get_local_rank",
     "get_world_size",
+    "one_local_rank_at_a_time",
     "is_main_process",
     "effective_batch_size",
     "scale_lr",
@@ -69,6 +74,40 @@ def get_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def one_local_rank_at_a_time(name: str) -> Iterator[None]:
+    """Run the block in one process of this job per machine at a time (an exclusive ``fcntl.flock`` on a file in
+    the temporary folder named by ``name`` and the job's rendezvous), for a step whose memory would not fit twice.
+
+    Validation at 320^3 peaks at each case's end (post-processing and the exact score: +0.65 GiB over the sliding
+    window's ~1 GiB per rank); under DDP the ranks reach that peak together (same case sizes), and two such peaks
+    did not fit the Kaggle box's memory per process (``bench/kaggle_dryrun.sh --nproc 2``). Ranks stagger instead:
+    one scores while the other runs its next sliding window. A single process, or no writable temporary folder,
+    runs the block as it is.
+
+    Example::
+
+        with one_local_rank_at_a_time("score"):
+            rows = score_volume(pred, label)
+    """
+    if get_world_size() <= 1:
+        yield
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or "{}:{}".format(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+    path = Path(tempfile.gettempdir()) / f"pipeline_{name}_{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}.lock"
+    try:
+        handle = open(path, "a")  # noqa: SIM115 - held for the block
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_main_process() -> bool:

@@ -60,6 +60,33 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def test_one_local_rank_at_a_time_staggers_the_ranks_of_a_job(monkeypatch):
+    """Two ranks of one job (threads: flock locks are per open file) never run the block together; a single
+    process takes no lock."""
+    import threading
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"stagger{os.getpid()}")
+    spans = []
+
+    def rank() -> None:
+        with distributed.one_local_rank_at_a_time("score"):
+            start = time.monotonic()
+            time.sleep(0.2)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert second_start >= first_end
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with distributed.one_local_rank_at_a_time("score"), distributed.one_local_rank_at_a_time("score"):
+        pass  # nested in one process: no lock taken, no deadlock
+
+
 def test_partition_for_rank_gives_disjoint_even_shares(monkeypatch):
     data = list(range(7))
     monkeypatch.setenv("WORLD_SIZE", "2")
