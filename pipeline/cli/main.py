@@ -25,6 +25,7 @@ import ast
 import contextlib
 import importlib
 import json
+import math
 import logging
 import os
 import sys
@@ -191,6 +192,7 @@ def _main_job(argv: list[str]) -> int:
     from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
 
     limit_s = parse_duration(overrides.get("time_limit"))
+    parse_duration(args.tune_time, "--tune_time")  # refused now, not after the training
     from pipeline.data.datalist import DatasetError
 
     start = time.monotonic()
@@ -272,7 +274,8 @@ def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: lis
     """After training: choose the post-processing on the validation cases training validated on, as nnU-Net's
     ``find_best_configuration`` does: ``python -m pipeline tune``'s sweep of
     :data:`pipeline.evaluation.tune.MAIN_JOB_GRID`, the best setting written into the model file, which the
-    prediction then uses. Under ``time_limit`` it scores volumes only while the prediction still fits after it.
+    prediction then uses. It starts volumes only while they can be scored by ``--tune_time`` from its start and,
+    under ``time_limit``, while the prediction still fits after it.
 
     Returns:
         The summary's line: what was chosen and the validation gain, or why nothing was tuned.
@@ -288,23 +291,26 @@ def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: lis
         return "not tuned: a multi-node job (run python -m pipeline tune on one machine, then predict)"
     from pipeline.cli import tune as tune_cli
     from pipeline.evaluation.tune import EVALUATE_CONFIGS, MAIN_JOB_GRID, Deadline, TimeUp
-    from pipeline.utils.timing import JOB_START_ENV
+    from pipeline.utils.timing import JOB_START_ENV, parse_duration
 
     with open(TRAIN_CONFIG) as f:  # the cases training validated on (evaluate.yaml's default is every case)
         val_max_cases = overrides.get("val_max_cases", yaml.safe_load(f)["val_max_cases"])
     keys = route_overrides(train_overrides, *(CONFIGS / c for c in EVALUATE_CONFIGS))
     keys = {k: v for k, v in keys.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
     keys["val_max_cases"] = val_max_cases
-    deadline = None
+    end, follow = math.inf, 0
     if limit_s is not None:
         end = float(os.environ[JOB_START_ENV]) + limit_s
-        deadline = Deadline(end=end, follow_voxels=_inference_work(tests, overrides)["inference_voxels"])
+        follow = _inference_work(tests, overrides)["inference_voxels"]
+    tune_s = parse_duration(args.tune_time, "--tune_time")
+    deadline = Deadline(end=end, follow_voxels=follow, cap=None if tune_s is None else time.time() + tune_s)
     with _Stage("choosing the post-processing on the validation cases") as stage:
         try:
             report = tune_cli.tune(keys, MAIN_JOB_GRID, deadline=deadline, top=5)
         except TimeUp as e:
             stage.what = "choosing the post-processing: no time left"
-            return f"not tuned: {e}; the model file's setting is used"
+            return (f"not tuned: {e}; the model file's setting is used (the whole sweep: python -m pipeline tune "
+                    "with this job's --dataset_dir and --ckpt_dir, or a longer --tune_time)")
     best, default = report["best"], report["default"]
     chosen = ", ".join(f"{k} {best[k]}" for k in POSTPROCESSING_KEYS if best[k] is not None)
     stopped = f", stopped early: {report['stopped']}" if report["stopped"] else ""
@@ -386,10 +392,10 @@ def _score_fold(k: int, model: Path, fold: dict[str, Any]) -> Path:
 
     out = Path(fold["output_dir"])
     report = out / "metrics.json"
-    if report.is_file() and report.stat().st_mtime >= model.stat().st_mtime:
-        if json.loads(report.read_text()).get("settings", {}).get("model_path") == str(model):
-            print(f"[pipeline] fold {k}: {model} scored already ({report})", flush=True)
-            return report
+    if (report.is_file() and report.stat().st_mtime >= model.stat().st_mtime
+            and json.loads(report.read_text()).get("settings", {}).get("model_path") == str(model)):
+        print(f"[pipeline] fold {k}: {model} scored already ({report})", flush=True)
+        return report
     configs = [CONFIGS / c for c in EVALUATE_CONFIGS]
     keys = {k2: v for k2, v in route_overrides(fold, *configs).items() if k2.split("#", 1)[0] not in FROM_MODEL_FILE}
     keys.update(model_path=str(model), val_max_cases=None, pred_dir=str(out / "oof"))

@@ -106,6 +106,10 @@ def main_parser() -> argparse.ArgumentParser:
                    help="cross-validation: train fold by fold ('all', or '0,2' of num_folds) into ckpt_dir/fold_<k> "
                    "(each resumable), score each fold's model on its validation cases (out-of-fold: every training "
                    "case once, output_dir/cross_validation.csv), then predict with the folds' ensemble")
+    p.add_argument("--tune_time", default="30m",
+                   help="the longest the post-processing sweep after training may take (seconds or a duration such as "
+                   "1h30m, none for no bound; within --time_limit too): it starts no volume that would not be scored "
+                   "in full by then and ranks on those that were (default: %(default)s)")
     p.add_argument("--recipe", default=None,
                    help=f"settings for a machine: a name in bundle/configs/recipes ({', '.join(recipe_names())}) or a "
                    "YAML file of bundle keys; --key value options still win")

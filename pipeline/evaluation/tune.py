@@ -145,10 +145,12 @@ class Deadline:
     estimated from the sweep's own sliding-window speed.
 
     Args:
-        end: the job's limit, as ``time.time()``.
+        end: the job's limit, as ``time.time()``; ``math.inf`` for none.
         follow_voxels: voxel passes of the prediction after the sweep (test voxels x its TTA passes).
         factor: safety factor on the prediction's estimate (the training clock's 1.25).
         margin_s: seconds kept besides (writing the masks and the zip).
+        cap: a ``time.time()`` by which the sweep itself must be done whatever the job's limit (the main job's
+            ``--tune_time``), or None.
 
     Example::
 
@@ -160,10 +162,12 @@ class Deadline:
     follow_voxels: int = 0
     factor: float = 1.25
     margin_s: float = 10.0
+    cap: float | None = None
 
     def at(self, seconds_per_voxel: float) -> float:
         """The sweep's own deadline, given the measured sliding-window seconds per voxel pass."""
-        return self.end - self.factor * self.follow_voxels * seconds_per_voxel - self.margin_s
+        job = self.end - self.factor * self.follow_voxels * seconds_per_voxel - self.margin_s
+        return job if self.cap is None else min(job, self.cap)
 
 
 def score_settings(
@@ -211,9 +215,11 @@ class PostprocessingSweep:
         id_key: batch key holding the case id.
         executor: a process pool to score the settings in parallel; None scores them in this process.
         chunks: number of parallel tasks per volume (usually the pool's worker count).
-        deadline: when set, a volume is scored only while the time left covers the prediction after the sweep
-            (estimated from this sweep's sliding-window speed, ``passes`` per voxel); a volume not finished by then
-            is dropped, the evaluator terminated, and the settings ranked on the volumes scored in full.
+        deadline: when set, a volume is scored only while the time left covers its scoring (as long as the
+            volumes before it took) and the prediction after the sweep (estimated from this sweep's sliding-window
+            speed, ``passes`` per voxel); a volume that cannot be finished by then is dropped as soon as that is
+            known (:func:`score_settings`), the evaluator terminated, and the settings ranked on the volumes scored
+            in full.
         passes: the evaluator's forward passes per voxel (its TTA flips).
 
     Example::
@@ -244,6 +250,7 @@ class PostprocessingSweep:
         self._model_s = 0.0  # sliding-window seconds and voxel passes so far: the speed the deadline uses
         self._voxels = 0
         self._started = 0.0
+        self._scoring_s = 0.0  # seconds spent scoring the volumes in self.scores
 
     def attach(self, engine: Engine) -> None:
         """Score each predicted volume when its iteration completes."""
@@ -263,18 +270,28 @@ class PostprocessingSweep:
         self._voxels += sum(math.prod(item[Keys.PRED].shape[-3:]) for item in outputs) * self.passes
         until = None if self.deadline is None else self.deadline.at(self._model_s / max(self._voxels, 1))
         for case, item in zip(map(str, ids), outputs):
+            now = time.time()
+            each = self._scoring_s / len(self.scores) if self.scores else 0.0
+            if until is not None and self.scores and now + each > until:  # a volume takes about as long as the last
+                self._stop(engine, case, f"one takes ~{each:.0f} s to score, {max(0.0, until - now):.0f} s left")
+                return
             probs = item[Keys.PRED].detach().float().cpu().numpy()
             label = item[Keys.LABEL].detach().cpu().numpy()
+            start = time.monotonic()
             try:
                 self.scores[case] = self._score(probs, label.reshape(label.shape[-3:]), until)
             except TimeUp as e:
-                self.stopped = (f"time is up at validation volume {len(self.scores) + 1} ({case}: {e}); "
-                                f"ranked on the {len(self.scores)} volume(s) scored in full")
-                engine.logger.info("tuning: %s", self.stopped)
-                engine.terminate()
+                self._stop(engine, case, str(e))
                 return
+            self._scoring_s += time.monotonic() - start
             best = max(row["score"] for row in self.scores[case])
             engine.logger.info("tuning: %s scored with %d settings (best %.4f)", case, len(self.settings), best)
+
+    def _stop(self, engine: Engine, case: str, why: str) -> None:
+        self.stopped = (f"time is up at validation volume {len(self.scores) + 1} ({case}: {why}); "
+                        f"ranked on the {len(self.scores)} volume(s) scored in full")
+        engine.logger.info("tuning: %s", self.stopped)
+        engine.terminate()
 
     def _score(self, probs: np.ndarray, label: np.ndarray, until: float | None) -> list[dict[str, float]]:
         if self.executor is None or self.chunks == 1:

@@ -118,3 +118,11 @@ def test_bad_folds_are_one_line(capsys):
         assert main(args) == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert line.startswith(f"error: --folds {args[1]}: {problem}"), line
+
+
+def test_a_bad_tune_time_is_refused_before_anything_runs(capsys, tmp_path):
+    from pipeline.cli.main import main
+
+    assert main(["--tune_time", "soon", "--synthetic_dir", str(tmp_path / "synth")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tune_time: 'soon' is not a time limit")
+    assert not (tmp_path / "synth").exists()

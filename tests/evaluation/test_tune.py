@@ -198,3 +198,39 @@ def test_tune_under_a_passed_deadline_writes_nothing(tiny_dataset, tiny_model_di
         tune(overrides, SweepGrid((0.5,), (None,), (0,), (True,), (0,)), deadline=Deadline(end=time.time() + 5,
              follow_voxels=10**12))
     assert (models / "model.pt").read_bytes() == before and not (tmp_path / "out" / "tuning.json").exists()
+
+
+def test_the_sweep_starts_no_volume_that_cannot_be_scored_by_the_cap(monkeypatch):
+    """--tune_time's cap (no job limit): the second volume would take as long as the first (80 s) with 20 s left,
+    so the sweep stops before it and ranks on the first."""
+    import math
+    import types
+
+    import numpy as np
+    import torch
+
+    from pipeline.evaluation import tune as tune_module
+
+    assert tune_module.Deadline(end=math.inf, cap=100.0).at(1e-5) == 100.0
+    assert tune_module.Deadline(end=1000.0, follow_voxels=10**6, margin_s=0.0, cap=5000.0).at(1e-5) == 1000.0 - 12.5
+    clock = {"now": 1000.0}
+
+    def slow_score(mask, label):
+        clock["now"] += 40.0
+        return dict.fromkeys(tune_module.COMPONENT_KEYS, 0.5)
+
+    monkeypatch.setattr(tune_module, "score_volume", slow_score)
+    monkeypatch.setattr(tune_module, "time", types.SimpleNamespace(time=lambda: clock["now"], monotonic=lambda: clock["now"]))
+    sweep = tune_module.PostprocessingSweep([DEFAULT, {**DEFAULT, "threshold": 0.7}],
+                                            deadline=tune_module.Deadline(end=math.inf, cap=1100.0))
+    item = {"pred": torch.zeros(1, 8, 8, 8), "label": torch.zeros(1, 8, 8, 8, dtype=torch.uint8)}
+    stopped = []
+    engine = types.SimpleNamespace(
+        state=types.SimpleNamespace(batch=[{"id": "a"}, {"id": "b"}], output=[item, dict(item)]),
+        logger=types.SimpleNamespace(info=lambda *a: None), terminate=lambda: stopped.append(True))
+    sweep._start(engine)
+    sweep(engine)
+    assert list(sweep.scores) == ["a"] and stopped
+    assert sweep.stopped == ("time is up at validation volume 2 (b: one takes ~80 s to score, 20 s left); ranked on "
+                             "the 1 volume(s) scored in full")
+    assert np.isclose(sweep.rows()[0]["score"], 0.5)
