@@ -8,7 +8,7 @@ fixed (``split_seed``), so seeds change only the training's randomness. Printed:
 (and spread) per variant. Runs go ``--parallel`` at a time, each with ``cores / parallel`` threads.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_options.py --work /tmp/options \\
-        [--variants unet,dynunet,skeleton,ema] [--seeds 0,1] [--parallel 2] [--epochs N]
+        [--variants unet,dynunet,skeleton,ema] [--seeds 0,1] [--parallel 2] [--epochs N] [--difficulty hard]
 
 A run already measured in ``--work`` (its ``row.json``) is reused, so a table can be extended a run at a time;
 ``--epochs`` runs get folders of their own. Only the validation split is used, never the test volumes.
@@ -111,16 +111,19 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
     parser.add_argument("--epochs", type=int, default=None, help="default: train.yaml's (the main job's budget)")
+    parser.add_argument("--difficulty", default="easy", choices=("easy", "hard"),
+                        help="the synthetic scrolls (python -m pipeline synth --difficulty): hard = touching, crossing, "
+                        "closely packed sheets")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    data = args.work / "synth"
+    data = args.work / ("synth" if args.difficulty == "easy" else f"synth_{args.difficulty}")
     if not (data / "train.csv").is_file():
-        subprocess.run([sys.executable, "-m", "pipeline", "synth", "--out", str(data)], cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        subprocess.run([sys.executable, "-m", "pipeline", "synth", "--out", str(data), "--difficulty", args.difficulty],
+                       cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     extra = {} if args.epochs is None else {"epochs": args.epochs}
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     jobs = [(n, s) for s in seeds for n in names]
