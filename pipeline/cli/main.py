@@ -25,8 +25,8 @@ import ast
 import contextlib
 import importlib
 import json
-import math
 import logging
+import math
 import os
 import sys
 import time
@@ -293,8 +293,8 @@ def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: lis
     from pipeline.evaluation.tune import EVALUATE_CONFIGS, MAIN_JOB_GRID, Deadline, TimeUp
     from pipeline.utils.timing import JOB_START_ENV, parse_duration
 
-    with open(TRAIN_CONFIG) as f:  # the cases training validated on (evaluate.yaml's default is every case)
-        val_max_cases = overrides.get("val_max_cases", yaml.safe_load(f)["val_max_cases"])
+    # the cases training validated on (evaluate.yaml's default is every case)
+    val_max_cases = _train_setting(overrides, "val_max_cases")
     keys = route_overrides(train_overrides, *(CONFIGS / c for c in EVALUATE_CONFIGS))
     keys = {k: v for k, v in keys.items() if k.split("#", 1)[0] not in FROM_MODEL_FILE}
     keys["val_max_cases"] = val_max_cases
@@ -326,8 +326,7 @@ def _fold_list(text: str, overrides: dict[str, Any]) -> list[int]:
     """
     from pipeline.utils.errors import SettingsError
 
-    with open(TRAIN_CONFIG) as f:
-        num = int(overrides.get("num_folds", yaml.safe_load(f)["num_folds"]))
+    num = int(_train_setting(overrides, "num_folds"))
     clash = [k for k in ("fold", "model_path", "resume_from", "init_from", "time_limit") if k in overrides]
     if clash:
         msg = (f"--folds {text}: not with --{clash[0]} (run one fold at a time with --fold K --ckpt_dir DIR/fold_K "
@@ -359,8 +358,7 @@ def _cross_validate(folds: list[int], root: Path, train_overrides: dict[str, Any
     from pipeline.data.datalist import prepare_datalists
     from pipeline.evaluation.report import cross_validation
 
-    with open(TRAIN_CONFIG) as f:
-        num = int(train_overrides.get("num_folds", yaml.safe_load(f)["num_folds"]))
+    num = int(_train_setting(train_overrides, "num_folds"))
     lists = prepare_datalists(root, check=False)
     models, reports = [], {}
     for k in folds:
@@ -442,10 +440,17 @@ def _summary(seconds: float, root: Path, out: Path, ckpt_dir: Path, model: Path 
     return "\n".join(lines)
 
 
+def _train_setting(overrides: dict[str, Any], key: str) -> Any:
+    """A top-level value of train.yaml, as the overrides set it."""
+    if key in overrides:
+        return overrides[key]
+    with open(TRAIN_CONFIG) as f:
+        return yaml.safe_load(f)[key]
+
+
 def _configured_epochs(overrides: dict[str, Any]) -> int | None:
     """train.yaml's ``epochs`` with the overrides; None for ``auto`` (the run fixes it, the final checkpoint says)."""
-    with open(TRAIN_CONFIG) as f:
-        epochs = overrides.get("epochs", yaml.safe_load(f)["epochs"])
+    epochs = _train_setting(overrides, "epochs")
     return None if epochs == "auto" else int(epochs)
 
 
