@@ -26,11 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.utils.paths import BUNDLE, INSTALLED_BUNDLE, PACKAGES_DIR
 
-__all__ = ["MULTI_GPU_CONFIG", "default_nproc", "cli_overrides", "torchrun_command", "launch"]
+__all__ = ["MULTI_GPU_CONFIG", "default_nproc", "cuda_available", "cli_overrides", "torchrun_command", "launch"]
 
 MULTI_GPU_CONFIG = BUNDLE / "configs" / "multi_gpu_train.yaml"
 
@@ -39,7 +37,17 @@ logger = logging.getLogger(__name__)
 
 def default_nproc() -> int:
     """Processes per node by default: one per visible CUDA GPU, else one."""
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def cuda_available() -> bool:
+    """Whether the processes of a launch run on CUDA GPUs (torch is imported here, not by this module: the main job's
+    own process asks in a child, see :func:`pipeline.utils.memory.run_apart`)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cli_overrides(overrides: dict[str, Any]) -> list[str]:
@@ -107,6 +115,7 @@ def launch(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
     mixin: str | os.PathLike | None = MULTI_GPU_CONFIG,
+    cuda: bool | None = None,
 ) -> int:
     """Run ``run_id`` of the bundle on every GPU of every node, or in this process where there is one device.
 
@@ -125,6 +134,8 @@ def launch(
         max_restarts: torchrun restarts of the worker group after a failure (resuming from checkpoints).
         mixin: the config appended under DDP (the training mixin); None for configs that handle torchrun themselves
             (inference.yaml).
+        cuda: whether the processes use CUDA GPUs (else each gets its share of the cores); None: as torch sees
+            this machine (:func:`cuda_available`).
 
     Returns:
         The exit status: torchrun's under DDP (non-zero when any rank failed), 0 after an in-process run.
@@ -156,7 +167,7 @@ def launch(
     env = dict(os.environ)
     if BUNDLE != INSTALLED_BUNDLE:  # a checkout, perhaps not installed: the workers import these same packages
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGES_DIR), env.get("PYTHONPATH")]))
-    if not torch.cuda.is_available():
+    if not (cuda_available() if cuda is None else cuda):
         # torchrun would pin every process to one thread; share the cores instead
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logger.info("launching %d process(es) on node %d of %d: %s", nproc, node_rank, nnodes, " ".join(cmd))

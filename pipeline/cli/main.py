@@ -152,6 +152,24 @@ def _inference_work(tests: list[dict], overrides: dict[str, Any]) -> dict[str, A
     return {"inference_voxels": voxels * (2 ** len(axes) if tta else 1), "inference_overlap": float(overlap)}
 
 
+def _survey(args: argparse.Namespace, overrides: dict[str, Any], timed: bool, single: bool) -> dict[str, Any]:
+    """What the job finds out before it trains, run by :func:`pipeline.utils.memory.run_apart` so that the imports
+    and the dataset check leave nothing behind in the job's own process: the checked dataset folder and its test
+    volumes, the clock's inference work (``timed``: with ``time_limit``), the processes per node, whether they use
+    CUDA, and (``single``: not ``--folds``) whether the training in ``ckpt_dir`` is complete already."""
+    from pipeline.cli import launch
+
+    root, tests = _check_dataset(args.dataset_dir, args.synthetic_dir)
+    return {
+        "root": root,
+        "tests": tests,
+        "inference_work": _inference_work(tests, overrides) if timed else {},
+        "nproc": args.nproc or launch.default_nproc(),
+        "cuda": launch.cuda_available(),
+        "complete": single and not args.skip_training and _training_complete({"ckpt_dir": args.ckpt_dir, **overrides}),
+    }
+
+
 def run_main_job(argv: list[str]) -> int:
     """Train (or resume) and predict; print where everything is. ``time_limit`` counts from here: the start goes to
     the processes the job runs in ``$PIPELINE_JOB_START``, set for the job only (a second job in this process, or a
@@ -189,18 +207,20 @@ def _main_job(argv: list[str]) -> int:
               "default)", file=sys.stderr)
         return 2
     folds = _fold_list(args.folds, overrides) if args.folds is not None else None
+    from pipeline.utils.errors import PipelineError
+    from pipeline.utils.memory import run_apart
     from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
 
     limit_s = parse_duration(overrides.get("time_limit"))
     parse_duration(args.tune_time, "--tune_time")  # refused now, not after the training
-    from pipeline.data.datalist import DatasetError
-
     start = time.monotonic()
-    try:
-        root, tests = _check_dataset(args.dataset_dir, args.synthetic_dir)
-    except (DatasetError, FileExistsError) as e:
+    try:  # in a child: this process only waits while the DDP workers train, holding no torch or MONAI
+        found = run_apart(_survey, args, overrides, limit_s is not None, folds is None)
+    except (PipelineError, FileExistsError) as e:  # a bad dataset, or a synthetic folder that is not one
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
+    root, tests = found["root"], found["tests"]
+    args.nproc, args.cuda = found["nproc"], found["cuda"]  # the devices, as the child found them
     common = {
         "bundle_root": str(BUNDLE),
         "dataset_dir": str(root),
@@ -209,7 +229,7 @@ def _main_job(argv: list[str]) -> int:
     }
     train_overrides = {**common, "check_data": False, **overrides}  # checked above already: read every label once
     if limit_s is not None:  # the clock keeps time for the prediction of the test set after training
-        train_overrides = {**_inference_work(tests, overrides), **train_overrides}
+        train_overrides = {**found["inference_work"], **train_overrides}
     cut = tuned = cv = None
     if folds is not None:
         rc, models, cv = _cross_validate(folds, root, train_overrides, args)
@@ -217,7 +237,7 @@ def _main_job(argv: list[str]) -> int:
             return rc
         overrides = {**overrides, "model_path": [str(m) for m in models]}
         tuned = "not tuned: --folds (the folds' ensemble predicts with the first fold's model file setting)"
-    elif not args.skip_training and not _training_complete(train_overrides):
+    elif not args.skip_training and not found["complete"]:
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
             if rc != 0:
@@ -355,16 +375,14 @@ def _cross_validate(folds: list[int], root: Path, train_overrides: dict[str, Any
         The exit code (non-zero: a fold's training failed, nothing after it ran), the folds' model files and the
         cross-validation table.
     """
-    from pipeline.data.datalist import prepare_datalists
-    from pipeline.evaluation.report import cross_validation
+    from pipeline.utils.memory import run_apart
 
     num = int(_train_setting(train_overrides, "num_folds"))
-    lists = prepare_datalists(root, check=False)
     models, reports = [], {}
     for k in folds:
         fold = {**train_overrides, "fold": k, "ckpt_dir": str(Path(args.ckpt_dir) / f"fold_{k}"),
                 "output_dir": str(Path(args.output_dir) / f"fold_{k}")}
-        if not args.skip_training and not _training_complete(fold):
+        if not args.skip_training and not run_apart(_training_complete, fold):
             with _Stage(f"training fold {k} ({folds.index(k) + 1} of {len(folds)})") as stage:
                 rc = _train(fold, args)
                 if rc != 0:
@@ -377,8 +395,12 @@ def _cross_validate(folds: list[int], root: Path, train_overrides: dict[str, Any
         if not model.is_file():
             print(f"error: {model}: fold {k} has no model (train it: leave --skip_training out)", file=sys.stderr)
             return 2, models, None
-        reports[k] = _score_fold(k, model, fold)
+        reports[k] = run_apart(_score_fold, k, model, fold)  # its memory is not held while the next fold trains
         models.append(model)
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.evaluation.report import cross_validation
+
+    lists = prepare_datalists(root, check=False)
     return 0, models, cross_validation(args.output_dir, reports, lists["train"] + lists["val"],
                                        complete=len(folds) == num)
 
@@ -462,7 +484,7 @@ def _training_complete(overrides: dict[str, Any]) -> bool:
     epochs = _configured_epochs(overrides)
     done = completed_epochs(overrides["ckpt_dir"])
     if done and done >= (epochs or done) and (Path(overrides["ckpt_dir"]) / "model.pt").is_file():
-        print(f"training already complete ({done}/{epochs or done} epochs): skipping to inference")
+        print(f"training already complete ({done}/{epochs or done} epochs): skipping to inference", flush=True)
         return True
     return False
 
@@ -478,6 +500,7 @@ def _train(overrides: dict[str, Any], args: argparse.Namespace) -> int:
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint,
+        cuda=args.cuda,
     )
 
 
@@ -485,12 +508,12 @@ def _infer(overrides: dict[str, Any], args: argparse.Namespace) -> int:
     """Inference in this process, or under torchrun on ``--nproc`` processes (default: every GPU) and nodes."""
     from pipeline.cli import launch
 
-    if (args.nproc or launch.default_nproc()) == 1 and args.nnodes == 1:
+    if args.nproc == 1 and args.nnodes == 1:
         _bundle_run("inference", INFER_CONFIG, overrides)
         return 0
     return launch.launch(
         [str(INFER_CONFIG)], "inference", overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-        rdzv_endpoint=args.rdzv_endpoint, mixin=None,
+        rdzv_endpoint=args.rdzv_endpoint, mixin=None, cuda=args.cuda,
     )
 
 

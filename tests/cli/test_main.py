@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli.main import parse_overrides, route_overrides
 from pipeline.data.datalist import prepare_datalists
 from pipeline.model.plans import POSTPROCESSING_KEYS, load_model_file
@@ -126,3 +128,45 @@ def test_a_bad_tune_time_is_refused_before_anything_runs(capsys, tmp_path):
     assert main(["--tune_time", "soon", "--synthetic_dir", str(tmp_path / "synth")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --tune_time: 'soon' is not a time limit")
     assert not (tmp_path / "synth").exists()
+
+
+_TRAIN_SEES = """
+import sys
+from pipeline.cli import main as m
+
+def train(overrides, args):  # what the job's own process holds while its DDP workers train
+    heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "monai", "ignite"))
+    print("HEAVY", heavy, "NPROC", args.nproc, "CUDA", args.cuda, "WORK", "inference_voxels" in overrides, flush=True)
+    return 3
+
+m._train = train
+sys.exit(m.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode", [["--time_limit", "2h"], ["--folds", "all", "--num_folds", "2"]])
+def test_the_job_holds_no_torch_while_it_trains(tiny_dataset, tmp_path, mode):
+    """The dataset check, the clock's inference work, the devices and (folds) each fold's completeness are found in
+    a child process: the job's own process, which waits while DDP workers train, imports neither torch nor MONAI
+    (they hold ~0.3 GiB for the life of a process, the check ~0.2 GiB more; the Kaggle box needs it as page cache).
+    A training that fails stops the job with its exit code."""
+    args = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(tmp_path / "out"), "--ckpt_dir",
+            str(tmp_path / "models"), "--nproc", "2", *mode]
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_SEES, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[pipeline] checked 5 training cases (image + label) and 2 test volumes" in proc.stdout
+    timed = mode[0] == "--time_limit"
+    assert f"HEAVY [] NPROC 2 CUDA False WORK {timed}" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_a_bad_dataset_found_in_the_child_is_one_line(tmp_path):
+    """The dataset check's refusal crosses the process boundary as the same one line and exit code."""
+    (tmp_path / "data" / "train_images").mkdir(parents=True)
+    (tmp_path / "data" / "train.csv").write_text("id,scroll_id\n7,1\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--dataset_dir", str(tmp_path / "data"), "--output_dir",
+                           str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "7" in last and "Traceback" not in proc.stderr, proc.stderr
