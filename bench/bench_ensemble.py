@@ -11,7 +11,13 @@ its process), so the fusion's gain and cost are measured in one run.
         /tmp/options_hard/skeleton-s2/models/model.pt [--weights 1 1 1] [--work /tmp/bench_ensemble]
 
 Models trained on other folds of the same data have seen these validation cases: compare models trained on the same
-split (seeds, options); folds are scored out of fold by ``python -m pipeline --folds``.
+split (seeds, options); folds are scored out of fold by ``python -m pipeline --folds``. To compare models trained on
+different splits (a fold ensemble against seeds), score them all on synthetic scrolls none of them saw: another seed
+of the generator, every case (``--all_cases``), and pin one post-processing for every run (``--postprocessing_from``)::
+
+    python -m pipeline synth --out /tmp/heldout_hard --seed 7 --difficulty hard
+    PYTHONPATH=. python bench/bench_ensemble.py --dataset /tmp/heldout_hard --all_cases \
+        --postprocessing_from /tmp/options_hard/skeleton-s0/models/model.pt --models /tmp/folds3/models/fold_*/model.pt
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("score", "topo", "surface_dice", "voi_score")
 
 
-def _validation_set(dataset: Path, work: Path, split: dict) -> Path:
-    """A dataset folder whose test_images are the validation images (links), so inference.yaml predicts them."""
+def _validation_set(dataset: Path, work: Path, split: dict, all_cases: bool) -> Path:
+    """A dataset folder whose test_images are the validation images (``all_cases``: every training case) as links, so
+    inference.yaml predicts them."""
     from pipeline.data.datalist import prepare_datalists
 
-    val = prepare_datalists(dataset, check=False, **split)["val"]
+    lists = prepare_datalists(dataset, check=False, **split)
+    val = lists["val"] + (lists["train"] if all_cases else [])
     out = work / "val_as_test"
     (out / "test_images").mkdir(parents=True, exist_ok=True)
     for case in val:
@@ -72,18 +80,25 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_ensemble"))
     parser.add_argument("--fold", type=int, default=None, help="the validation fold (default: train.yaml's split)")
     parser.add_argument("--num_folds", type=int, default=5)
+    parser.add_argument("--all_cases", action="store_true",
+                        help="score every training case of --dataset (held-out scrolls none of the models saw)")
+    parser.add_argument("--postprocessing_from", default=None,
+                        help="a model file or ensemble.json whose post-processing every run uses (default: the "
+                        "first model's)")
     args = parser.parse_args()
     from pipeline.evaluation.score import prediction_pairs, score_volumes
 
     args.work.mkdir(parents=True, exist_ok=True)
     split = {"fold": args.fold, "num_folds": args.num_folds} if args.fold is not None else {}
-    data = _validation_set(args.dataset, args.work, split)
-    from pipeline.model.plans import POSTPROCESSING_KEYS, read_plans
+    data = _validation_set(args.dataset, args.work, split, args.all_cases)
+    from pipeline.model.ensemble import resolve_ensemble
+    from pipeline.model.plans import POSTPROCESSING_KEYS
 
-    post = {k: ((read_plans(args.models[0]) or {}).get("postprocessing") or {}).get(k) for k in POSTPROCESSING_KEYS}
+    source = args.postprocessing_from or args.models[0]
+    post = resolve_ensemble(source, defaults=dict.fromkeys(POSTPROCESSING_KEYS))["postprocessing"]
     post = {k: v for k, v in post.items() if v is not None}
-    print(f"post-processing of every run (the first model's): {post or 'inference.yaml defaults'}")
-    runs = [(f"model {i}: {Path(m).parent.parent.name}", [m], None) for i, m in enumerate(args.models)]
+    print(f"post-processing of every run ({source}): {post or 'inference.yaml defaults'}")
+    runs = [(f"model {i}: {'/'.join(Path(m).parts[-3:-1])}", [m], None) for i, m in enumerate(args.models)]
     runs.append((f"fusion of {len(args.models)}", args.models, args.weights))
     rows = []
     for i, (name, models, weights) in enumerate(runs):

@@ -39,7 +39,7 @@ from pipeline.cli import parsers as cli
 from pipeline.utils.errors import run_reporting_errors, suggest
 from pipeline.utils.paths import BUNDLE, model_file
 
-__all__ = ["main", "parse_overrides", "route_overrides"]
+__all__ = ["fold_list", "main", "parse_overrides", "route_overrides"]
 
 CONFIGS = BUNDLE / "configs"
 TRAIN_CONFIG = CONFIGS / "train.yaml"
@@ -206,7 +206,7 @@ def _main_job(argv: list[str]) -> int:
         print(f"error: {args.dataset_dir}: dataset folder not found (leave --dataset_dir out for the synthetic "
               "default)", file=sys.stderr)
         return 2
-    folds = _fold_list(args.folds, overrides) if args.folds is not None else None
+    folds = fold_list(args.folds, overrides) if args.folds is not None else None
     from pipeline.utils.errors import PipelineError
     from pipeline.utils.memory import run_apart
     from pipeline.utils.timing import JOB_START_ENV, format_eta, parse_duration
@@ -235,8 +235,12 @@ def _main_job(argv: list[str]) -> int:
         rc, models, cv = _cross_validate(folds, root, train_overrides, args)
         if rc != 0:
             return rc
-        overrides = {**overrides, "model_path": [str(m) for m in models]}
-        tuned = "not tuned: --folds (the folds' ensemble predicts with the first fold's model file setting)"
+        ensemble = None
+        if args.no_tune:
+            tuned = "not tuned (--no_tune): the folds' ensemble predicts with the first fold's model file setting"
+        else:
+            tuned, ensemble = _tune(train_overrides, overrides, tests, args, limit_s, folds)
+        overrides = {**overrides, "model_path": ensemble or [str(m) for m in models]}
     elif not args.skip_training and not found["complete"]:
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
@@ -256,7 +260,7 @@ def _main_job(argv: list[str]) -> int:
         elif cut:
             tuned = "not tuned: training was cut by the clock, the time left is the prediction's"
         else:
-            tuned = _tune(train_overrides, overrides, tests, args, limit_s)
+            tuned = _tune(train_overrides, overrides, tests, args, limit_s)[0]
     given = overrides.get("model_path", model_file(args.ckpt_dir, BUNDLE))
     model = Path(given) if isinstance(given, (str, os.PathLike)) else f"ensemble of {len(given)}: {', '.join(given)}"
     if isinstance(model, Path) and model.is_file():
@@ -290,28 +294,32 @@ def _main_job(argv: list[str]) -> int:
 
 
 def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: list[dict], args: argparse.Namespace,
-          limit_s: float | None) -> str:
+          limit_s: float | None, folds: list[int] | None = None) -> tuple[str, str | None]:
     """After training: choose the post-processing on the validation cases training validated on, as nnU-Net's
     ``find_best_configuration`` does: ``python -m pipeline tune``'s sweep of
     :data:`pipeline.evaluation.tune.MAIN_JOB_GRID`, the best setting written into the model file, which the
-    prediction then uses. It starts volumes only while they can be scored by ``--tune_time`` from its start and,
-    under ``time_limit``, while the prediction still fits after it.
+    prediction then uses. ``folds``: on the folds' out-of-fold cases, the setting written with the folds' ensemble
+    into ``ckpt_dir/ensemble.json``. It starts volumes only while they can be scored by ``--tune_time`` from its
+    start and, under ``time_limit``, while the prediction still fits after it.
 
     Returns:
-        The summary's line: what was chosen and the validation gain, or why nothing was tuned.
+        The summary's line: what was chosen and the validation gain, or why nothing was tuned; and the file written
+        (None when nothing was).
     """
     from pipeline.model.plans import POSTPROCESSING_KEYS
 
     given = [k for k in POSTPROCESSING_KEYS if k in overrides]
     if given:
-        return f"not tuned: {', '.join(given)} given on the command line (they win at inference)"
+        return f"not tuned: {', '.join(given)} given on the command line (they win at inference)", None
     if "model_path" in overrides:
-        return f"not tuned: --model_path {overrides['model_path']} is not this training's model"
+        return f"not tuned: --model_path {overrides['model_path']} is not this training's model", None
     if args.nnodes > 1:
-        return "not tuned: a multi-node job (run python -m pipeline tune on one machine, then predict)"
+        return "not tuned: a multi-node job (run python -m pipeline tune on one machine, then predict)", None
     from pipeline.cli import tune as tune_cli
-    from pipeline.evaluation.tune import EVALUATE_CONFIGS, MAIN_JOB_GRID, Deadline, TimeUp
+    from pipeline.data.datalist import prepare_datalists
+    from pipeline.evaluation.tune import EVALUATE_CONFIGS, MAIN_JOB_GRID, Deadline, TimeUp, sweep_workers
     from pipeline.utils.timing import JOB_START_ENV, parse_duration
+    from transforms.io import read_volume_shape
 
     # the cases training validated on (evaluate.yaml's default is every case)
     val_max_cases = _train_setting(overrides, "val_max_cases")
@@ -324,21 +332,27 @@ def _tune(train_overrides: dict[str, Any], overrides: dict[str, Any], tests: lis
         follow = _inference_work(tests, overrides)["inference_voxels"]
     tune_s = parse_duration(args.tune_time, "--tune_time")
     deadline = Deadline(end=end, follow_voxels=follow, cap=None if tune_s is None else time.time() + tune_s)
-    with _Stage("choosing the post-processing on the validation cases") as stage:
+    cases = "the folds' out-of-fold cases" if folds else "the validation cases"
+    lists = prepare_datalists(train_overrides["dataset_dir"], check=False)
+    largest = max(math.prod(read_volume_shape(c["image"])) for c in lists["train"] + lists["val"])
+    workers = sweep_workers(largest)  # the training is over: its cores and memory score settings in parallel
+    with _Stage(f"choosing the post-processing on {cases} ({workers} scoring process(es))") as stage:
         try:
-            report = tune_cli.tune(keys, MAIN_JOB_GRID, deadline=deadline, top=5)
+            report = tune_cli.tune(keys, MAIN_JOB_GRID, deadline=deadline, top=5, folds=folds, workers=workers)
         except TimeUp as e:
             stage.what = "choosing the post-processing: no time left"
             return (f"not tuned: {e}; the model file's setting is used (the whole sweep: python -m pipeline tune "
-                    "with this job's --dataset_dir and --ckpt_dir, or a longer --tune_time)")
+                    "with this job's --dataset_dir and --ckpt_dir, or a longer --tune_time)"), None
     best, default = report["best"], report["default"]
     chosen = ", ".join(f"{k} {best[k]}" for k in POSTPROCESSING_KEYS if best[k] is not None)
     stopped = f", stopped early: {report['stopped']}" if report["stopped"] else ""
-    return (f"{chosen}: chosen on {len(report['volumes'])} validation volume(s), score {default['score']:.4f} with "
-            f"the previous setting -> {best['score']:.4f}{stopped} (every row: {Path(args.output_dir) / 'tuning.json'})")
+    where = f"; the folds' ensemble: {report['saved']}" if folds else ""
+    return (f"{chosen}: chosen on {len(report['volumes'])} {'out-of-fold' if folds else 'validation'} volume(s), "
+            f"score {default['score']:.4f} with the previous setting -> {best['score']:.4f}{stopped} (every row: "
+            f"{Path(args.output_dir) / 'tuning.json'}){where}"), report["saved"]
 
 
-def _fold_list(text: str, overrides: dict[str, Any]) -> list[int]:
+def fold_list(text: str, overrides: dict[str, Any]) -> list[int]:
     """The folds ``--folds`` names ('all', or numbers separated by commas) of ``num_folds``.
 
     Raises:

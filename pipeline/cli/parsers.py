@@ -236,7 +236,12 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the printed table")
     p.add_argument("--max_settings", type=int, default=400, help="refuse grids larger than this")
     p.add_argument("--no_save", action="store_true",
-                   help="print the best setting only; by default it is written into the model file's plans")
+                   help="print the best setting only; by default it is written into the model file's plans (an "
+                   "ensemble: into its ensemble file, else output_dir/ensemble.json)")
+    p.add_argument("--folds", default=None,
+                   help="a cross-validation in ckpt_dir/fold_<k> ('all', or '0,2' of num_folds): choose on the folds' "
+                   "out-of-fold predictions (each training case once, by the fold model that did not see it) and "
+                   "write the folds' ensemble with it to ckpt_dir/ensemble.json")
     p.add_argument("--grid_threshold", type=_values(float), default=None,
                    help="e.g. 0.3,0.5,0.7 (default: 0.3,0.4,0.5,0.6,0.7,0.8)")
     p.add_argument("--grid_hysteresis_high", type=_values(float), default=None, help="none,0.85 (default: none,0.85)")

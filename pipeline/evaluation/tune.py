@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -50,8 +51,10 @@ __all__ = [
     "TimeUp",
     "SweepGrid",
     "format_overrides",
+    "join_rows",
     "score_settings",
     "sweep",
+    "sweep_workers",
 ]
 
 EVALUATE_CONFIGS = ("train.yaml", "evaluate.yaml")
@@ -133,6 +136,35 @@ class SweepGrid:
 MAIN_JOB_GRID = SweepGrid(hysteresis_high=(None,))
 """The grid ``python -m pipeline`` sweeps after training (72 settings: threshold x closing x hole plugging x
 minimum component size; hysteresis, which doubles the cost, only on ``python -m pipeline tune``)."""
+
+
+WORKER_BYTES = 400 * 2**20
+"""A scoring process before its volume: the interpreter with numpy, SciPy, numba and the scoring modules."""
+WORKER_BYTES_PER_VOXEL = 40
+"""A scoring process per voxel of its volume: the probabilities it receives (float32), the label, the mask and the
+post-processing's labelled components, and the exact TopoScore (+859 MiB on one 320^3 case, ~27 B/voxel)."""
+PARALLEL_FROM_VOXELS = 128**3
+"""Volumes below this are scored in one process: a worker's start (~10 s importing the scoring stack) would cost
+more than it saves."""
+
+
+def sweep_workers(voxels: int, cpus: int | None = None, available: int | None = None) -> int:
+    """Processes to score a sweep's settings with (the main job's tune, after training has freed the machine): one per
+    core, no more than the memory available holds (each :data:`WORKER_BYTES` + :data:`WORKER_BYTES_PER_VOXEL` per
+    voxel of the largest volume), and one for volumes under :data:`PARALLEL_FROM_VOXELS`.
+
+    Example::
+
+        sweep_workers(320**3, cpus=4, available=29 * 2**30)   # 4 on the Kaggle box
+    """
+    from pipeline.utils.memory import available_memory
+
+    if voxels < PARALLEL_FROM_VOXELS:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    available = available_memory() if available is None else available
+    fits = int(available // (WORKER_BYTES + WORKER_BYTES_PER_VOXEL * voxels))
+    return max(1, min(cpus, fits))
 
 
 class TimeUp(Exception):
@@ -367,6 +399,35 @@ def sweep(
     if stopped is not None and handler.stopped:
         stopped.append(handler.stopped)
     return handler.rows()
+
+
+def join_rows(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of sweeps of the same settings over disjoint volumes (each fold's out-of-fold cases, scored with the
+    fold's model) as one sweep's: each setting's components averaged over every volume (each part weighted by its
+    volume count), its volumes joined; best first.
+
+    Example::
+
+        rows = join_rows([sweep(fold0_parser, settings), sweep(fold1_parser, settings)])
+    """
+    joined: dict[tuple, dict[str, Any]] = {}
+    for rows in parts:
+        for row in rows:
+            key = tuple(row[k] for k in POSTPROCESSING_KEYS)
+            n = len(row["volumes"])
+            if key not in joined:
+                joined[key] = {**{k: row[k] for k in POSTPROCESSING_KEYS}, **dict.fromkeys(COMPONENT_KEYS, 0.0),
+                               "volumes": {}}
+            out = joined[key]
+            overlap = set(out["volumes"]) & set(row["volumes"])
+            if overlap:
+                msg = f"volume(s) {sorted(overlap)} scored in two parts: the parts must cover disjoint volumes"
+                raise ValueError(msg)
+            total = len(out["volumes"]) + n
+            for k in COMPONENT_KEYS:
+                out[k] = (out[k] * len(out["volumes"]) + row[k] * n) / total
+            out["volumes"].update(row["volumes"])
+    return sorted(joined.values(), key=lambda row: -row["score"])
 
 
 def _literal(value: Any) -> str:

@@ -7,8 +7,12 @@ them, or an ensemble file ``ensemble.json``::
     {
       "models": ["fold0/model.pt", "fold1/model.pt"],   # relative to the ensemble file's folder, or absolute
       "weights": [0.6, 0.4],                            # optional; default: equal weights
-      "postprocessing": {"threshold": 0.5, "closing_radius": 1}   # optional; the keys of the plans' post-processing
+      "postprocessing": {"threshold": 0.5, "closing_radius": 1},  # optional; the keys of the plans' post-processing
+      "tuning": {...}                                   # optional, informative: how tune chose the post-processing
     }
+
+``python -m pipeline tune`` on an ensemble (or ``--folds``: on the folds' out-of-fold predictions) writes one
+(:func:`save_ensemble`).
 
 ``model_weights`` (one non-negative weight per model) wins over the file's ``weights``; either is normalised to sum 1.
 Each model runs with its own plans (network, window: its training patch unless ``patch_size`` is given, which then
@@ -44,9 +48,9 @@ from pipeline.model.plans import (
 )
 from pipeline.utils.errors import MissingFileError, SettingsError
 
-__all__ = ["AGREE", "ENSEMBLE_KEYS", "Ensemble", "first_model", "read_ensemble", "require_one_model", "resolve_ensemble"]
+__all__ = ["AGREE", "ENSEMBLE_KEYS", "Ensemble", "first_model", "read_ensemble", "resolve_ensemble", "save_ensemble"]
 
-ENSEMBLE_KEYS = ("models", "weights", "postprocessing")
+ENSEMBLE_KEYS = ("models", "weights", "postprocessing", "tuning")
 """The keys of an ensemble file."""
 AGREE = {
     "normalization": lambda plans: (plans.get("normalization") or {}).get("method"),
@@ -183,20 +187,6 @@ def first_model(model_path: Any) -> Path:
     return read_ensemble(model_path).models[0]
 
 
-def require_one_model(model_path: Any, command: str) -> Path:
-    """``model_path`` when it names one model file; ``command`` (e.g. evaluate) runs one model only.
-
-    Raises:
-        MissingFileError: the file does not exist.
-        SettingsError: several models (a list or an ensemble file).
-    """
-    ens = read_ensemble(model_path)
-    if len(ens.models) > 1 or ens.file is not None:
-        msg = f"model_path: {command} takes one model file, not an ensemble ({model_path}); give one model file"
-        raise SettingsError(msg)
-    return ens.models[0]
-
-
 def _check_agreement(models: Sequence[Path]) -> None:
     """Refuse models whose plans disagree on :data:`AGREE`, naming both files (a weights-only file has this
     bundle's normalisation and labels)."""
@@ -259,3 +249,35 @@ def resolve_ensemble(
     fused["postprocessing"] = post
     fused["members"] = [{"path": str(m), "weight": w, "plans": p} for m, w, p in zip(ens.models, ens.weights, members)]
     return fused
+
+
+def save_ensemble(
+    path: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
+    weights: Sequence[float],
+    postprocessing: Mapping[str, Any],
+    tuning: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an ensemble file atomically: the models (relative to its folder when they lie under it, so that the
+    folder can be moved or attached elsewhere as a whole; else absolute), their weights, the post-processing (keys
+    :data:`POSTPROCESSING_KEYS`) and how it was chosen.
+
+    Returns:
+        ``path``.
+    """
+    from pipeline.utils.files import atomic_write_bytes
+
+    path = Path(path)
+    folder = path.parent.resolve()
+    names = []
+    for m in map(Path, models):
+        full = m.resolve()
+        names.append(str(full.relative_to(folder)) if full.is_relative_to(folder) else str(full))
+    spec: dict[str, Any] = {
+        "models": names,
+        "weights": [float(w) for w in weights],
+        "postprocessing": {k: postprocessing[k] for k in POSTPROCESSING_KEYS},
+    }
+    if tuning is not None:
+        spec["tuning"] = dict(tuning)
+    return atomic_write_bytes(path, (json.dumps(spec, indent=2) + "\n").encode())

@@ -10,12 +10,17 @@ measures, while training runs, what stopping costs:
 
 - an iteration: the median of the last 25 iteration times within an epoch (data wait included; validation and an
   epoch's first iteration, which waits for the loader's start or a resume's replay, excluded);
-- the validation: the last validation's seconds, and its voxels per second. Before the first validation it is
-  estimated from the training step (a forward pass costs about a third of a training step: forward + backward),
-  as sliding windows of the patch at ``val_overlap`` over the validation voxels;
+- the validation: the last validation's seconds. Before the first validation it is estimated as its sliding
+  windows, from the training step (a forward pass costs about a third of a training step: forward + backward; the
+  patch at ``val_overlap`` over this rank's share of the validation voxels), plus its scoring
+  (``score_s_per_voxel``, measured on one core: the exact TopoScore of a 320^3 case takes ~60 s, and the local ranks
+  score one at a time, :func:`pipeline.utils.distributed.one_local_rank_at_a_time`); without the scoring, the first
+  40 x 320^3 dry runs were estimated at a third of their validations (3:08 against 9:55);
 - the checkpoint write: the last one's seconds (5 s until one is written);
 - the inference after training (``inference_voxels``: the test voxels times the TTA passes, which
-  ``python -m pipeline`` sets): at the validation's voxels per second, corrected for the windows' overlap.
+  ``python -m pipeline`` sets): at the voxels per second of the validation's sliding windows alone (from each
+  iteration's start to MONAI's ``FORWARD_COMPLETED``: the scoring is no part of inference), corrected for the
+  windows' overlap.
 
 At each iteration boundary :class:`pipeline.training.checkpoint.TrainingCheckpointer` asks :meth:`TimeLimit.due`
 (on rank 0; the answer is all-reduced with its other decisions, so every rank stops at the same iteration):
@@ -29,6 +34,7 @@ before the clock would cut it), on every rank at once, with the minimum in the m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -42,7 +48,11 @@ from ignite.engine import Engine, Events
 from pipeline.utils.errors import SettingsError
 from pipeline.utils.timing import format_eta, job_start, parse_duration
 
-__all__ = ["AUTO", "EpochsToFit", "TimeLimit", "cycle_ends", "schedule_epochs"]
+__all__ = ["AUTO", "SCORE_S_PER_VOXEL", "EpochsToFit", "TimeLimit", "cycle_ends", "schedule_epochs"]
+
+SCORE_S_PER_VOXEL = {"exact": 2.2e-6, "fast": 3.5e-7}
+"""Seconds per voxel to score a validation case on one core, by ``val_topo_mode``: post-processing 4.2 s, exact
+TopoScore 62.6 s (fast estimate 3.2 s), surface Dice 2.7 s, VOI 1.4 s on one synthetic 320^3 case."""
 
 def _windows(overlap: float) -> float:
     """Sliding windows per patch-sized volume at ``overlap`` (each axis steps ``1 - overlap`` of the window)."""
@@ -63,6 +73,8 @@ class TimeLimit:
         patches_per_iteration: patches in one training iteration (batch size x samples per volume).
         inference_voxels: voxels predicted after training, times the TTA passes (0: none in this job).
         inference_overlap: the inference's sliding-window overlap.
+        score_s_per_voxel: seconds to score one validation voxel (:data:`SCORE_S_PER_VOXEL`; 0 without a score),
+            for the estimate before the first validation.
         safety: factor on the estimated cost of stopping.
         name: logger name.
 
@@ -83,6 +95,7 @@ class TimeLimit:
         patches_per_iteration: int = 1,
         inference_voxels: int = 0,
         inference_overlap: float = 0.5,
+        score_s_per_voxel: float = 0.0,
         safety: float = 1.25,
         name: str | None = None,
     ) -> None:
@@ -96,6 +109,7 @@ class TimeLimit:
         self.patches_per_iteration = max(1, int(patches_per_iteration))
         self.inference_voxels = int(inference_voxels)
         self.inference_overlap = float(inference_overlap)
+        self.score_s_per_voxel = float(score_s_per_voxel)
         self.safety = float(safety)
         self._name = name
         self.logger = logging.getLogger(name)
@@ -103,10 +117,13 @@ class TimeLimit:
         self.validation_s: float | None = None
         self.validation_total = 0.0
         self.validated_voxels = 0
+        self.forward_s = 0.0  # the last validation's sliding windows alone
         self.save_s = 5.0
         self._last: float | None = None
         self._val_start = 0.0
         self._val_voxels_seen = 0
+        self._forward_start = 0.0
+        self._forward_seen = 0.0
         self._checked = False
         self.fit: Any = None  # an EpochsToFit, when epochs: auto
 
@@ -126,7 +143,12 @@ class TimeLimit:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         if evaluator is not None:
+            from monai.engines.utils import IterationEvents
+
             evaluator.add_event_handler(Events.STARTED, self._val_started)
+            evaluator.add_event_handler(Events.ITERATION_STARTED, self._forward_started)
+            with contextlib.suppress(ValueError):  # an engine that does not fire it (MONAI's engines do)
+                evaluator.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._forward_completed)
             evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._val_iteration)
             evaluator.add_event_handler(Events.COMPLETED, self._val_completed)
 
@@ -159,6 +181,13 @@ class TimeLimit:
     def _val_started(self, engine: Engine) -> None:
         self._val_start = time.monotonic()
         self._val_voxels_seen = 0
+        self._forward_seen = 0.0
+
+    def _forward_started(self, engine: Engine) -> None:
+        self._forward_start = time.monotonic()
+
+    def _forward_completed(self, engine: Engine) -> None:
+        self._forward_seen += time.monotonic() - self._forward_start
 
     def _val_iteration(self, engine: Engine) -> None:
         # a MONAI evaluator has decollated the batch into a list of per-case dicts by now
@@ -172,6 +201,7 @@ class TimeLimit:
         self.validation_s = time.monotonic() - self._val_start
         self.validation_total += self.validation_s
         self.validated_voxels = self._val_voxels_seen
+        self.forward_s = self._forward_seen or self.validation_s  # an engine without FORWARD_COMPLETED: all of it
         self._last = time.monotonic()  # the next iteration's time excludes the validation
 
     def saved(self, seconds: float) -> None:
@@ -181,8 +211,8 @@ class TimeLimit:
     # --- estimates ---
     def _forward_voxels_per_s(self) -> float | None:
         """Voxels per second of sliding-window forward passes at the validation's overlap."""
-        if self.validation_s and self.validated_voxels:
-            return self.validated_voxels / self.validation_s
+        if self.forward_s and self.validated_voxels:
+            return self.validated_voxels / self.forward_s
         if self.iteration_s:
             # a forward pass ~ a third of a training step; windows of the patch cover the volume _windows times
             forward_s = self.iteration_s / (3.0 * self.patches_per_iteration)
@@ -190,11 +220,17 @@ class TimeLimit:
         return None
 
     def validation_estimate(self) -> float:
-        """Seconds of one validation: the last one's, or estimated from the training step."""
+        """Seconds of one validation: the last one's, or estimated: this rank's share of the sliding windows at the
+        training step's speed, and the scoring of the cases of every rank on this machine (they take turns)."""
         if self.validation_s is not None:
             return self.validation_s
         speed = self._forward_voxels_per_s()
-        return self.val_voxels / speed if speed and self.val_voxels else 0.0
+        if not speed or not self.val_voxels:
+            return 0.0
+        import ignite.distributed as idist
+
+        world, local = max(1, idist.get_world_size()), max(1, idist.get_nproc_per_node())
+        return self.val_voxels / world / speed + self.val_voxels * local / world * self.score_s_per_voxel
 
     def inference_estimate(self) -> float:
         """Seconds of the prediction after training (``inference_voxels`` at the validation's speed, corrected for

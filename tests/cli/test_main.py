@@ -88,7 +88,7 @@ def test_main_job_trains_predicts_skips_and_resumes(tiny_dataset, tmp_path):
     # a new run (another ckpt_dir, or auto_resume off) gets a folder of its own: tests/training/test_runs.py
 
 
-def test_folds_train_each_fold_score_every_case_once_out_of_fold_and_predict_with_their_ensemble(tiny_dataset, tmp_path):
+def test_folds_train_each_fold_score_every_case_once_out_of_fold_tune_and_predict_with_their_ensemble(tiny_dataset, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "models"
     tiny = []
     for k, v in {**TINY_TRAIN, "epochs": 1, "val_interval": 5}.items():
@@ -105,7 +105,14 @@ def test_folds_train_each_fold_score_every_case_once_out_of_fold_and_predict_wit
     lists = prepare_datalists(tiny_dataset, check=False)
     assert set(cv["volumes"]) == {c["id"] for c in lists["train"] + lists["val"]} and cv["complete"]
     assert f"cross-validation: score {cv['mean']['score']:.4f}" in first.stdout
-    assert (out / "submission.zip").is_file() and "ensemble of 2" in first.stdout
+    # the post-processing is chosen on the out-of-fold cases and written with the folds' ensemble, which predicts
+    report = json.loads((out / "tuning.json").read_text())
+    assert report["folds"] == [0, 1] and len(report["volumes"]) == len(cv["volumes"])
+    spec = json.loads((ckpt / "ensemble.json").read_text())
+    assert spec["models"] == ["fold_0/model.pt", "fold_1/model.pt"]
+    assert spec["postprocessing"] == {k: report["best"][k] for k in POSTPROCESSING_KEYS}
+    assert f"out-of-fold volume(s), score {report['default']['score']:.4f}" in first.stdout
+    assert (out / "submission.zip").is_file() and f"model:          {ckpt / 'ensemble.json'}" in first.stdout
 
     again = _main(base)  # done folds are neither trained nor scored again
     assert again.stdout.count("training already complete") == 2 and again.stdout.count("scored already") == 2

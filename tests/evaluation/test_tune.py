@@ -234,3 +234,78 @@ def test_the_sweep_starts_no_volume_that_cannot_be_scored_by_the_cap(monkeypatch
     assert sweep.stopped == ("time is up at validation volume 2 (b: one takes ~80 s to score, 20 s left); ranked on "
                              "the 1 volume(s) scored in full")
     assert np.isclose(sweep.rows()[0]["score"], 0.5)
+
+
+def test_join_rows_averages_over_every_volume_of_disjoint_parts():
+    from pipeline.evaluation.tune import join_rows
+
+    def row(threshold, volumes, **components):
+        base = {**DEFAULT, "threshold": threshold, **dict.fromkeys(COMPONENT_KEYS, 0.0), **components}
+        return {**base, "score": sum(volumes.values()) / len(volumes), "volumes": volumes}
+
+    fold0 = [row(0.5, {"a": 0.9, "b": 0.7}, topo=0.2), row(0.6, {"a": 0.6, "b": 0.6}, topo=0.8)]
+    fold1 = [row(0.5, {"c": 0.1}, topo=0.5), row(0.6, {"c": 0.9}, topo=0.2)]
+    rows = join_rows([fold0, fold1])
+    assert [r["threshold"] for r in rows] == [0.6, 0.5]  # 0.7 over a, b, c against 0.5667
+    assert rows[0]["score"] == pytest.approx(0.7) and rows[1]["score"] == pytest.approx(1.7 / 3)
+    assert rows[0]["topo"] == pytest.approx((2 * 0.8 + 0.2) / 3)  # each part weighted by its volumes
+    assert rows[1]["volumes"] == {"a": 0.9, "b": 0.7, "c": 0.1}
+    with pytest.raises(ValueError, match=r"\['a'\] scored in two parts"):
+        join_rows([fold0, [row(0.5, {"a": 0.3})]])
+
+
+def test_tune_on_folds_chooses_out_of_fold_and_writes_the_folds_ensemble(tiny_dataset, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    """``tune --folds all``: each fold's model on its own validation cases (every training case once), the rows
+    joined, the folds' ensemble with the best setting in ``ckpt_dir/ensemble.json`` (paths relative: the folder
+    travels). A fold without its model, or unfinished, is one line and nothing is written."""
+    from pipeline.model.ensemble import read_ensemble
+
+    ckpt = tmp_path / "models"
+    for k in (0, 1):
+        (ckpt / f"fold_{k}").mkdir(parents=True)
+        shutil.copy(tiny_model_dir / "model.pt", ckpt / f"fold_{k}" / "model.pt")
+    grid = ["--grid_threshold", "0.45,0.5", "--grid_hysteresis_high", "none", "--grid_closing_radius", "0",
+            "--grid_plug_holes", "false", "--grid_min_size", "0"]
+    common = [*cli_args({"dataset_dir": tiny_dataset, "ckpt_dir": ckpt, "amp": False, "num_folds": 2}), *grid]
+    assert main([*common, "--output_dir", str(tmp_path / "out"), "--folds", "all"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    every = sorted(c["id"] for split in prepare_datalists(tiny_dataset, check=False).values() for c in split)
+    by_fold = [sorted(c["id"] for c in prepare_datalists(tiny_dataset, fold=k, num_folds=2, check=False)["val"])
+               for k in (0, 1)]
+    assert report["folds"] == [0, 1] and report["volumes"] == every == sorted(by_fold[0] + by_fold[1])
+    assert not set(by_fold[0]) & set(by_fold[1])
+    for r in report["rows"]:
+        assert sorted(r["volumes"]) == every
+        assert r["score"] == pytest.approx(sum(r["volumes"].values()) / len(every), abs=1e-12)
+    spec = json.loads((ckpt / "ensemble.json").read_text())
+    assert spec["models"] == ["fold_0/model.pt", "fold_1/model.pt"] and spec["weights"] == [0.5, 0.5]
+    assert spec["postprocessing"] == {k: report["best"][k] for k in SETTING_KEYS}
+    assert read_ensemble(ckpt / "ensemble.json").models == (ckpt / "fold_0" / "model.pt", ckpt / "fold_1" / "model.pt")
+    assert "2 folds' out-of-fold volumes" in printed
+
+    (ckpt / "ensemble.json").unlink()
+    torch.save({"trainer": {"epoch": 1, "iteration": 3}}, ckpt / "fold_1" / "checkpoint_final.pt")
+    assert main([*common, "--output_dir", str(tmp_path / "bad1"), "--folds", "all"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {ckpt / 'fold_1'}: fold 1 is unfinished (1 of ") and len(err) == 1
+    (ckpt / "fold_1" / "model.pt").unlink()
+    assert main([*common, "--output_dir", str(tmp_path / "bad2"), "--folds", "0,1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {ckpt / 'fold_1' / 'model.pt'}: fold 1 has no model; train it (python -m pipeline --folds 1 "
+        f"--ckpt_dir {ckpt}) or leave it out of --folds")
+    assert not (ckpt / "ensemble.json").exists() and not (tmp_path / "bad1").exists() and not (tmp_path / "bad2").exists()
+    assert main([*common, "--output_dir", str(tmp_path / "bad3"), "--folds", "7"]) == 2
+    assert "--folds 7: give 'all' or fold numbers from 0 to 1" in capsys.readouterr().err
+
+
+def test_sweep_workers_one_per_core_as_memory_allows_and_one_for_small_volumes():
+    from pipeline.evaluation.tune import WORKER_BYTES, WORKER_BYTES_PER_VOXEL, sweep_workers
+
+    big = 320**3
+    each = WORKER_BYTES + WORKER_BYTES_PER_VOXEL * big
+    assert sweep_workers(big, cpus=4, available=29 * 2**30) == 4  # the Kaggle box after training
+    assert sweep_workers(big, cpus=4, available=int(2.5 * each)) == 2
+    assert sweep_workers(big, cpus=4, available=each // 2) == 1  # never fewer than one
+    assert sweep_workers(48**3, cpus=16, available=2**40) == 1

@@ -24,7 +24,7 @@ from pipeline.inference.ensemble import EnsembleInferer
 from pipeline.inference.inferers import make_inferer
 from pipeline.inference.predict import StreamingPredictor
 from pipeline.model.networks import build_network
-from pipeline.model.plans import load_model_file, make_plans, pack_model
+from pipeline.model.plans import POSTPROCESSING_KEYS, load_model_file, make_plans, pack_model
 from pipeline.utils.errors import one_line
 from transforms.io import read_volume
 
@@ -199,13 +199,49 @@ def test_ensemble_postprocessing_file_then_first_model_then_explicit(models, tmp
     assert resolve_ensemble(a, defaults=defaults) == resolve_ensemble(str(a), [5], defaults=defaults)  # one model
 
 
-def test_evaluate_takes_one_model(models):
-    from pipeline.model.ensemble import require_one_model
-    from pipeline.utils.errors import SettingsError
+def test_evaluate_and_tune_score_the_fusion_and_tune_writes_the_file_inference_uses(models, tiny_dataset, tmp_path,
+                                                                                    capsys):
+    """evaluate.yaml on a model with itself scores what the model alone scores; ``tune`` on two models sweeps their
+    fused probabilities and writes ``output_dir/ensemble.json`` (models, weights, the best setting), which evaluate
+    (and inference: the same ``model_plans``) then use, reproducing the tuned score."""
+    from monai.bundle import run
 
-    assert require_one_model(str(models["a"]), "evaluate") == models["a"]
-    with pytest.raises(SettingsError, match="evaluate takes one model file"):
-        require_one_model([str(models["a"]), str(models["b"])], "evaluate")
+    from pipeline.cli.tune import main as tune_main
+    from pipeline.model.ensemble import resolve_ensemble
+
+    configs = [str(REPO / "bundle" / "configs" / c) for c in ("train.yaml", "evaluate.yaml")]
+    common = {"dataset_dir": str(tiny_dataset), "amp": False, "sw_batch_size": 2}
+    a, b = str(models["a"]), str(models["b"])
+
+    def evaluate(name: str, **keys) -> dict:
+        run("evaluating", config_file=configs, **common, output_dir=str(tmp_path / name), **keys)
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    alone, itself = evaluate("a", model_path=a), evaluate("aa", model_path=[a, a])
+    assert itself["volumes"] == alone["volumes"] and itself["mean"] == alone["mean"]
+    assert itself["settings"]["model_path"] == [a, a] and itself["settings"]["model_weights"] == [0.5, 0.5]
+
+    out = tmp_path / "tune"
+    grid = ["--grid_threshold", "0.45,0.5,0.55", "--grid_hysteresis_high", "none", "--grid_closing_radius", "0",
+            "--grid_plug_holes", "false", "--grid_min_size", "0,50"]
+    keys = [f"--{k}={v}" for k, v in common.items()]
+    assert tune_main([*keys, "--output_dir", str(out), "--model_path", repr([a, b]), "--model_weights", "[1, 3]",
+                      *grid]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "tuning.json").read_text())
+    best = report["best"]
+    assert report["model_path"] == [a, b]
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["models"] == [a, b] and spec["weights"] == [0.25, 0.75]  # absolute: not under the file's folder
+    assert spec["postprocessing"] == {k: best[k] for k in POSTPROCESSING_KEYS}
+    assert spec["tuning"]["score"] == best["score"]
+    assert f"predict with --model_path {out / 'ensemble.json'}" in printed
+    assert load_model_file(models["a"])[1].get("tuning") is None  # the models themselves are left as they are
+    plans = resolve_ensemble(out / "ensemble.json", defaults=dict.fromkeys(POSTPROCESSING_KEYS))
+    assert plans["postprocessing"] == spec["postprocessing"]
+    scored = evaluate("tuned", model_path=str(out / "ensemble.json"))
+    assert scored["mean"]["score"] == pytest.approx(best["score"], abs=1e-9)
+    assert {k: scored["settings"][k] for k in POSTPROCESSING_KEYS} == spec["postprocessing"]
 
 
 def _bad_cases(models: dict[str, Path], tmp_path: Path) -> list[tuple[dict, list[str]]]:

@@ -53,6 +53,7 @@ def test_estimates_before_and_after_a_validation_and_the_decision() -> None:
     forward = 32**3 / (0.6 / (3 * 2)) / 8  # voxels/s: a forward ~ a third of a step, 8 windows per voxel at 0.5
     assert clock.validation_estimate() == pytest.approx(2 * 64**3 / forward)
     clock.validation_s, clock.validated_voxels = 2.0, 2 * 64**3  # measured: 64^3 voxels/s
+    clock.forward_s = 2.0  # its sliding windows (no scoring here)
     assert clock.validation_estimate() == 2.0 and clock.inference_estimate() == pytest.approx(8.0)
     cost = 1.25 * (2.0 + clock.save_s + 8.0) + 10.0 + 0.03 * 3600
     assert clock.stop_cost() == pytest.approx(cost)
@@ -73,10 +74,27 @@ def test_the_clock_measures_a_monai_validation_in_voxels_per_second() -> None:
                                     network=torch.nn.Conv3d(1, 1, 1), epoch_length=len(data))
     clock = TimeLimit("1h", start=time.time(), inference_voxels=10**6, inference_overlap=0.25)
     clock.attach(Engine(lambda e, b: None), evaluator)
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: time.sleep(0.3))  # the scoring, after the windows
     evaluator.run()
-    assert clock.validated_voxels == 2 * 20 * 16 * 12 and clock.validation_s > 0
-    speed = clock.validated_voxels / clock.validation_s
+    assert clock.validated_voxels == 2 * 20 * 16 * 12 and clock.validation_s >= 0.6
+    assert 0 < clock.forward_s < 0.3 and clock.validation_estimate() == clock.validation_s
+    speed = clock.validated_voxels / clock.forward_s  # the sliding windows alone: inference does not score
     assert clock.inference_estimate() == pytest.approx(10**6 / speed)  # the same overlaps (0.25 and 0.25 here)
+
+
+def test_before_a_validation_its_estimate_holds_the_windows_and_the_scoring() -> None:
+    """The first 40 x 320^3 dry runs estimated a validation of 8 cases from the training step alone (3:08) and it took
+    9:55, most of it the exact TopoScore: the estimate now adds the scoring at SCORE_S_PER_VOXEL."""
+    from pipeline.training.clock import SCORE_S_PER_VOXEL
+
+    cases = [{"shape": (1, 320, 320, 320)}] * 8
+    plain = TimeLimit("1h", start=time.time(), val_cases=cases, patch_size=(128,) * 3, val_overlap=0.25)
+    scored = TimeLimit("1h", start=time.time(), val_cases=cases, patch_size=(128,) * 3, val_overlap=0.25,
+                       score_s_per_voxel=SCORE_S_PER_VOXEL["exact"])
+    for clock in (plain, scored):
+        clock._steps.extend([2.0] * 5)
+    assert scored.validation_estimate() == pytest.approx(plain.validation_estimate() + 8 * 320**3 * 2.2e-6)
+    assert 8 * 320**3 * 2.2e-6 == pytest.approx(577, abs=1)  # ~70 s a case
 
 
 def test_a_limit_too_short_for_one_epoch_is_refused_with_the_minimum() -> None:
