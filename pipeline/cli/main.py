@@ -170,6 +170,30 @@ def _survey(args: argparse.Namespace, overrides: dict[str, Any], timed: bool, si
     }
 
 
+def _prepare_training(overrides: dict[str, Any]) -> None:
+    """train.yaml's ``checks``, then its volume store built, as the training would (run by
+    :func:`pipeline.utils.memory.run_apart` before it starts): the store build's decoding threads leave ~0.45 GiB of
+    heap behind in the process that ran them, which under DDP was every rank's for the whole training (a 2-process
+    40 x 320^3 dry run was killed by its memory cap while validating). The training then finds every entry built.
+
+    Raises:
+        PipelineError: the checks' or the store's one-line error (not MONAI's wrapper, which would not cross the
+            process boundary with its cause).
+    """
+    from pipeline.utils.config import load_config
+    from pipeline.utils.errors import find_user_error
+
+    parser = load_config(TRAIN_CONFIG, overrides=route_overrides(overrides, TRAIN_CONFIG))
+    try:
+        parser.get_parsed_content("checks")
+        parser.get_parsed_content("store")
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None or user is e:
+            raise
+        raise user from None
+
+
 def run_main_job(argv: list[str]) -> int:
     """Train (or resume) and predict; print where everything is. ``time_limit`` counts from here: the start goes to
     the processes the job runs in ``$PIPELINE_JOB_START``, set for the job only (a second job in this process, or a
@@ -242,6 +266,8 @@ def _main_job(argv: list[str]) -> int:
             tuned, ensemble = _tune(train_overrides, overrides, tests, args, limit_s, folds)
         overrides = {**overrides, "model_path": ensemble or [str(m) for m in models]}
     elif not args.skip_training and not found["complete"]:
+        with _Stage("checking the training settings and building the volume store"):
+            run_apart(_prepare_training, train_overrides)
         with _Stage("training") as stage:
             rc = _train(train_overrides, args)
             if rc != 0:
@@ -397,6 +423,8 @@ def _cross_validate(folds: list[int], root: Path, train_overrides: dict[str, Any
         fold = {**train_overrides, "fold": k, "ckpt_dir": str(Path(args.ckpt_dir) / f"fold_{k}"),
                 "output_dir": str(Path(args.output_dir) / f"fold_{k}")}
         if not args.skip_training and not run_apart(_training_complete, fold):
+            with _Stage(f"checking fold {k}'s settings and building its volume store"):
+                run_apart(_prepare_training, fold)
             with _Stage(f"training fold {k} ({folds.index(k) + 1} of {len(folds)})") as stage:
                 rc = _train(fold, args)
                 if rc != 0:

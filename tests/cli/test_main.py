@@ -139,11 +139,14 @@ def test_a_bad_tune_time_is_refused_before_anything_runs(capsys, tmp_path):
 
 _TRAIN_SEES = """
 import sys
+from pathlib import Path
 from pipeline.cli import main as m
 
 def train(overrides, args):  # what the job's own process holds while its DDP workers train
     heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "monai", "ignite"))
     print("HEAVY", heavy, "NPROC", args.nproc, "CUDA", args.cuda, "WORK", "inference_voxels" in overrides, flush=True)
+    store = Path(overrides["output_dir"]) / "store"
+    print("STORE", len(list(store.glob("*.json"))) if store.is_dir() else 0, flush=True)
     return 3
 
 m._train = train
@@ -154,17 +157,23 @@ sys.exit(m.main(sys.argv[1:]))
 @pytest.mark.parametrize("mode", [["--time_limit", "2h"], ["--folds", "all", "--num_folds", "2"]])
 def test_the_job_holds_no_torch_while_it_trains(tiny_dataset, tmp_path, mode):
     """The dataset check, the clock's inference work, the devices and (folds) each fold's completeness are found in
-    a child process: the job's own process, which waits while DDP workers train, imports neither torch nor MONAI
-    (they hold ~0.3 GiB for the life of a process, the check ~0.2 GiB more; the Kaggle box needs it as page cache).
-    A training that fails stops the job with its exit code."""
+    a child process, and the volume store is built in one before the training starts: the job's own process, which
+    waits while DDP workers train, imports neither torch nor MONAI (they hold ~0.3 GiB for the life of a process,
+    the check ~0.2 GiB more; the Kaggle box needs it as page cache), and the training processes find the store
+    built. A training that fails stops the job with its exit code."""
     args = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(tmp_path / "out"), "--ckpt_dir",
             str(tmp_path / "models"), "--nproc", "2", *mode]
+    for k, v in TINY_TRAIN.items():
+        args += [f"--{k}", str(v).replace(" ", "")]
     proc = subprocess.run([sys.executable, "-c", _TRAIN_SEES, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[pipeline] checked 5 training cases (image + label) and 2 test volumes" in proc.stdout
     timed = mode[0] == "--time_limit"
     assert f"HEAVY [] NPROC 2 CUDA False WORK {timed}" in proc.stdout, proc.stdout[-3000:]
+    out = tmp_path / "out" / ("fold_0" if not timed else "")
+    built = len(list((out / "store").glob("*.json")))
+    assert built >= 5 and f"STORE {built}" in proc.stdout  # every case of the dataset, before the training
 
 
 def test_a_bad_dataset_found_in_the_child_is_one_line(tmp_path):
