@@ -180,9 +180,12 @@ def _prepare_training(overrides: dict[str, Any]) -> None:
         PipelineError: the checks' or the store's one-line error (not MONAI's wrapper, which would not cross the
             process boundary with its cause).
     """
+    import logging.config
+
     from pipeline.utils.config import load_config
     from pipeline.utils.errors import find_user_error
 
+    logging.config.fileConfig(LOGGING_CONF, disable_existing_loggers=False)  # the store's progress, as in training
     parser = load_config(TRAIN_CONFIG, overrides=route_overrides(overrides, TRAIN_CONFIG))
     try:
         parser.get_parsed_content("checks")
