@@ -106,7 +106,7 @@ def test_main_job_runs_inference_on_nproc_ranks(monkeypatch):
         return 0
 
     monkeypatch.setattr(launch, "_run_forwarding_signals", fake_run)
-    args = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None)
+    args = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, rdzv_endpoint=None, cuda=False)  # as the survey sets it
     assert cli._infer({"num_parts": 2, "part_id": 1}, args) == 0
     cmd = " ".join(seen["cmd"])
     assert "--nproc_per_node=2" in cmd and " run inference " in cmd and "--num_parts=2" in cmd
