@@ -176,7 +176,7 @@ def test_main_job_cut_by_the_clock_writes_its_submission_in_time(tiny_dataset: P
         "error: time_limit: '11x' is not a time limit; give seconds (e.g. 41400) or a duration such as 11h30m, 90m "
         "or 1.5h (null for none)")
 
-    limit = 50
+    limit = 80  # the data check, the store build and two process starts take ~40 s here, more on a busy CI box
     start = time.time()
     job = _main([*base, "--time_limit", str(limit)])
     took = time.time() - start
@@ -234,7 +234,7 @@ def test_epochs_auto_chooses_a_cycle_end_stores_it_and_keeps_it_on_resume(tiny_d
     for k, v in {**TINY_TRAIN, "epochs": "auto", "val_interval": 2, "warmup_epochs": 1, "T_0": 2}.items():
         tiny += [f"--{k}", str(v).replace(" ", "")]
     base = ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(ckpt), *tiny]
-    job = _main([*base, "--time_limit", "45"])
+    job = _main([*base, "--time_limit", "100"])  # the data check, the store build and two starts take ~40 s here
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-3000:]
     assert "epochs: auto:" in log and ("revised with the first validation measured" in log or "epochs, fixed" in log)
